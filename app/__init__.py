@@ -1,0 +1,45 @@
+"""The log aggregator: a Flask app that deduplicates and durably stores events."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from flask import Flask
+
+from . import errors, views
+from .config import Config, from_env, with_overrides
+from .ingest import Ingestor
+from .schemas import make_event_schema
+from .store import open_store
+
+__version__ = "0.1.0"
+
+
+def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
+    """Build the app: settings from the environment first, test overrides second."""
+    config: Config = from_env()
+    if test_config:
+        config = with_overrides(config, test_config)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    app = Flask(__name__)
+    app.config["AGGREGATOR"] = config
+    app.json.sort_keys = False
+    store = open_store(config)
+    app.extensions["store"] = store
+    app.extensions["ingestor"] = Ingestor(store, queue_size=config.queue_size,
+                                          writers=config.writers,
+                                          commit_timeout=config.commit_timeout)
+    app.extensions["event_schema"] = make_event_schema(config.max_payload)
+    app.extensions["started_at"] = time.time()
+    errors.init_app(app)
+    app.register_blueprint(views.bp)
+    return app
+
+
+def shutdown(app: Flask) -> None:
+    """Commit what is queued, stop the writers and close the store; safe to call twice."""
+    app.extensions["ingestor"].close()
+    app.extensions["store"].close()

@@ -1,0 +1,126 @@
+"""Read and validate the aggregator's settings, once, at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting the aggregator and its gunicorn config use."""
+
+    database_url: str = "sqlite:///data/dedup.db"
+    api_token: str | None = field(default=None, repr=False)
+    max_batch: int = 10_000
+    max_body: int = 16 * MIB
+    max_payload: int = 64 * 1024
+    queue_size: int = 64
+    writers: int = 1
+    commit_timeout: float = 30.0
+    web_concurrency: int = 2
+    threads: int = 8
+    bind: str = "0.0.0.0:8080"
+    graceful_timeout: int = 30
+
+    @property
+    def sqlite_path(self) -> str:
+        """Return the database file path of a sqlite:/// URL."""
+        return sqlite_path(self.database_url)
+
+
+# Environment variable -> (Config field, parser). The parsers raise ValueError
+# with a short reason; from_env() turns it into a ConfigError naming the variable.
+def _positive_int(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _token(text: str) -> str | None:
+    if text and (text != text.strip() or any(ord(c) < 33 for c in text)):
+        raise ValueError("must not contain spaces or control characters")
+    return text or None
+
+
+def _database_url(text: str) -> str:
+    if urlsplit(text).scheme != "sqlite":
+        raise ValueError("must be a sqlite:/// URL (the only backend so far)")
+    sqlite_path(text)
+    return text
+
+
+def _bind(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT")
+    return text
+
+
+_VARIABLES = {
+    "DATABASE_URL": ("database_url", _database_url),
+    "AGGREGATOR_API_TOKEN": ("api_token", _token),
+    "AGGREGATOR_MAX_BATCH": ("max_batch", _positive_int),
+    "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
+    "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
+    "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),
+    "AGGREGATOR_WRITERS": ("writers", _positive_int),
+    "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
+    "WEB_CONCURRENCY": ("web_concurrency", _positive_int),
+    "AGGREGATOR_THREADS": ("threads", _positive_int),
+    "AGGREGATOR_BIND": ("bind", _bind),
+    "AGGREGATOR_GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_int),
+}
+
+
+def sqlite_path(url: str) -> str:
+    """Return the file path of sqlite:///relative or sqlite:////absolute."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError("must be sqlite:///relative/path or sqlite:////absolute/path")
+    path = url[len(prefix):]
+    if path == ":memory:" or "?" in path:
+        raise ValueError("must name a database file (no :memory:, no query string)")
+    return path
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from environment variables, naming the first bad one."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for name, (attr, parse) in _VARIABLES.items():
+        raw = environ.get(name)
+        if raw is None or (raw.strip() == "" and attr != "api_token"):
+            continue
+        try:
+            values[attr] = parse(raw.strip() if attr != "api_token" else raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} {exc}") from None
+    return Config(**values)
+
+
+def with_overrides(config: Config, overrides: Mapping[str, object]) -> Config:
+    """Return a copy of config with the given fields replaced (for tests)."""
+    unknown = set(overrides) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return Config(**{**config.__dict__, **overrides})

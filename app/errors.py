@@ -1,0 +1,82 @@
+"""One JSON error shape for every failure: {"error": code, "message": text, ...}."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from .ingest import CommitTimeout, QueueFull, ShuttingDown
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered to the client as JSON with the given status."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None,
+                 **extra: object):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.extra = extra
+
+
+def error_response(error: APIError):
+    """Render an APIError as a JSON response."""
+    response = jsonify({"error": error.code, "message": error.message, **error.extra})
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def _http_exception(exc: HTTPException):
+    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+    response = error_response(APIError(exc.code or 500, code, exc.description or exc.name))
+    if exc.code == 405 and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def _unexpected(exc: Exception):
+    log.exception("unhandled error")
+    return error_response(APIError(500, "internal_error", "The server failed; this is a bug."))
+
+
+def _queue_full(exc: QueueFull):
+    return error_response(APIError(429, "queue_full",
+                                   "The ingest queue is full; retry after a moment.",
+                                   retry_after=1))
+
+
+def _shutting_down(exc: ShuttingDown):
+    return error_response(APIError(503, "shutting_down",
+                                   "The server is shutting down; retry on another instance.",
+                                   retry_after=5))
+
+
+def _commit_timeout(exc: CommitTimeout):
+    return error_response(APIError(503, "commit_timeout",
+                                   "The commit did not finish in time; retrying is safe.",
+                                   retry_after=2))
+
+
+def _store_error(exc: StoreError):
+    return error_response(APIError(503, exc.code, f"{exc} Retrying later is safe.",
+                                   retry_after=5))
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers that turn every error into the JSON shape."""
+    app.register_error_handler(APIError, error_response)
+    app.register_error_handler(QueueFull, _queue_full)
+    app.register_error_handler(ShuttingDown, _shutting_down)
+    app.register_error_handler(CommitTimeout, _commit_timeout)
+    app.register_error_handler(StoreError, _store_error)
+    app.register_error_handler(HTTPException, _http_exception)
+    app.register_error_handler(Exception, _unexpected)

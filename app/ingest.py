@@ -1,0 +1,141 @@
+"""The ingest pipeline: a bounded queue drained by writer threads that group-commit."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from .store import Batch, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+# A group commit stops taking more queued batches once it holds this many events.
+MAX_COMMIT_EVENTS = 20_000
+_POLL_SECONDS = 0.2
+
+
+class QueueFull(Exception):
+    """The ingest queue is full: the client should retry later (429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new work (503)."""
+
+
+class CommitTimeout(Exception):
+    """The commit did not finish in time; the batch may or may not be stored (503)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one request's events."""
+
+    received: int
+    unique_processed: int
+    rejected: int
+
+    @property
+    def duplicate_dropped(self) -> int:
+        """Return how many valid events were already stored (or repeated in the batch)."""
+        return self.received - self.unique_processed
+
+
+@dataclass
+class _Item:
+    batch: Batch
+    future: Future
+
+
+class Ingestor:
+    """Hand batches to writer threads and wait for their durable commit."""
+
+    def __init__(self, store: Store, *, queue_size: int, writers: int, commit_timeout: float):
+        self._store = store
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._commit_timeout = commit_timeout
+        self._stopping = threading.Event()
+        self._submit_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="writer")
+        self._writers = [self._pool.submit(self._run) for _ in range(writers)]
+
+    @property
+    def depth(self) -> int:
+        """Return how many batches wait in this process's queue."""
+        return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        """Return whether every writer thread is still running."""
+        return not self._stopping.is_set() and not any(w.done() for w in self._writers)
+
+    def submit(self, batch: Batch) -> Outcome:
+        """Queue the batch and block until it is committed; return its exact counts."""
+        received = batch.size
+        if received == 0 and batch.rejected == 0:
+            return Outcome(0, 0, 0)
+        item = _Item(batch, Future())
+        with self._submit_lock:
+            if self._stopping.is_set():
+                raise ShuttingDown
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                raise QueueFull from None
+        try:
+            unique = item.future.result(timeout=self._commit_timeout)
+        except FutureTimeout:
+            raise CommitTimeout from None
+        return Outcome(received, unique, batch.rejected)
+
+    def close(self) -> None:
+        """Refuse new batches, commit every queued one, and stop the writers; safe twice."""
+        with self._submit_lock:
+            self._stopping.set()
+        self._pool.shutdown(wait=True)
+
+    def _run(self) -> None:
+        writer = self._store.writer()
+        try:
+            while True:
+                # Read the flag before polling: once it is set no batch can be queued,
+                # so an empty queue seen afterwards means the work is done.
+                stopping = self._stopping.is_set()
+                try:
+                    first = self._queue.get(timeout=_POLL_SECONDS)
+                except queue.Empty:
+                    if stopping:
+                        return
+                    continue
+                self._commit(writer, self._drain(first))
+        finally:
+            writer.close()
+
+    def _drain(self, first: _Item) -> list[_Item]:
+        group, events = [first], first.batch.size
+        while events < MAX_COMMIT_EVENTS:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            group.append(item)
+            events += item.batch.size
+        return group
+
+    def _commit(self, writer, group: list[_Item]) -> None:
+        try:
+            stored = writer.write([item.batch for item in group])
+        except StoreError as exc:
+            log.error("group commit of %d batches failed: %s", len(group), exc)
+            for item in group:
+                item.future.set_exception(exc)
+        except Exception as exc:
+            log.exception("group commit of %d batches failed", len(group))
+            for item in group:
+                item.future.set_exception(StoreError(f"commit failed: {exc}"))
+        else:
+            for item, new in zip(group, stored, strict=True):
+                item.future.set_result(new)

@@ -1,0 +1,177 @@
+"""Marshmallow schemas: the event contract and the /events query."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+from .store.base import Batch
+
+NAME_MAX = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FRACTION = re.compile(r"[.,](\d+)")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def parse_timestamp(value: object) -> tuple[int, str]:
+    """Return (microseconds since the epoch, normalised UTC text) of an ISO 8601 date-time.
+
+    Raises ValidationError for a non-string, an impossible time or a naive one.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValidationError("Not a valid date-time: expected an ISO 8601 string.")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValidationError(f"Not a valid ISO 8601 date-time ({exc}).") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValidationError(
+            "Date-time has no UTC offset: add 'Z' or an offset such as '+07:00'.")
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError("Date-time is out of range once converted to UTC.") from None
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = _FRACTION.search(value)
+    if fraction:
+        text += "." + f"{moment.microsecond:06d}"[: min(len(fraction.group(1)), 6)]
+    return (moment - _EPOCH) // _MICROSECOND, text + "Z"
+
+
+class Name(fields.Field):
+    """A required string of 1..255 characters with no control characters."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("Not a valid string.")
+        if not 0 < len(value) <= NAME_MAX:
+            raise ValidationError(f"Length must be between 1 and {NAME_MAX}.")
+        if _CONTROL.search(value):
+            raise ValidationError("Must not contain control characters.")
+        return value
+
+
+class Timestamp(fields.Field):
+    """An ISO 8601 date-time with an offset, loaded as (epoch microseconds, UTC text)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return parse_timestamp(value)
+
+
+class Payload(fields.Field):
+    """A JSON object, loaded as its compact JSON text, bounded in size."""
+
+    def __init__(self, max_bytes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, dict):
+            raise ValidationError("Must be a JSON object.")
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        # A str of n characters encodes to at most 4n UTF-8 bytes: encode only when it matters.
+        if len(text) * 4 > self.max_bytes and len(text.encode()) > self.max_bytes:
+            raise ValidationError(
+                f"Payload is larger than {self.max_bytes} bytes once serialised.")
+        return text
+
+
+class EventSchema(Schema):
+    """One event as publishers send it; loads to storage-ready values."""
+
+    class Meta:
+        unknown = RAISE
+
+    topic = Name(required=True)
+    event_id = Name(required=True)
+    timestamp = Timestamp(required=True)
+    source = Name(required=True)
+    payload = Payload(max_bytes=64 * 1024, load_default="{}")
+
+
+def make_event_schema(max_payload: int) -> EventSchema:
+    """Build the event schema once per app, with its payload size limit."""
+    schema = EventSchema()
+    schema.fields["payload"].max_bytes = max_payload
+    return schema
+
+
+class EventOutSchema(Schema):
+    """One stored event as the API returns it (documentation of the shape)."""
+
+    topic = fields.String()
+    event_id = fields.String()
+    timestamp = fields.String(metadata={"format": "date-time"})
+    source = fields.String()
+    payload = fields.Dict()
+    received_at = fields.String(metadata={"format": "date-time"})
+
+
+def encode_cursor(seq: int) -> str:
+    """Turn an ingestion sequence number into an opaque cursor."""
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Turn a cursor back into its sequence number, or raise ValidationError."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text[:1] == "s" and text[1:].isdigit():
+            return int(text[1:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise ValidationError("Not a valid cursor: use the next_cursor of a previous page.")
+
+
+class Cursor(fields.Field):
+    def _deserialize(self, value, attr, data, **kwargs):
+        return decode_cursor(value)
+
+
+class QueryTimestamp(fields.Field):
+    def _deserialize(self, value, attr, data, **kwargs):
+        return parse_timestamp(value)[0]
+
+
+class EventsQuerySchema(Schema):
+    """The query string of GET /events."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    topic = fields.String(validate=validate.Length(1, NAME_MAX))
+    source = fields.String(validate=validate.Length(1, NAME_MAX))
+    since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, inclusive"})
+    until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, exclusive"})
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+    after = Cursor(metadata={"description": "next_cursor of the previous page"})
+    order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
+
+
+def build_batch(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
+    """Validate each raw event; return the valid ones as a Batch and the errors by index."""
+    batch, errors = Batch(), {}
+    by_topic = batch.by_topic
+    load = schema.load
+    for index, raw in enumerate(raw_events):
+        try:
+            event = load(raw)
+        except ValidationError as exc:
+            errors[str(index)] = exc.messages
+            continue
+        topic = event["topic"]
+        ts, text = event["timestamp"]
+        row = (topic, event["event_id"], ts, text, event["source"], event["payload"])
+        rows = by_topic.get(topic)
+        if rows is None:
+            by_topic[topic] = [row]
+        else:
+            rows.append(row)
+    batch.rejected = len(errors)
+    return batch, errors

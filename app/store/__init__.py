@@ -1,0 +1,15 @@
+"""Storage backends behind one small interface (see base.Store)."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import Batch, Counters, EventQuery, Row, Store, StoredEvent, StoreError, StoreFull
+from .sqlite import SQLiteStore
+
+__all__ = ["Batch", "Counters", "EventQuery", "Row", "StoredEvent", "Store", "StoreError",
+           "StoreFull", "open_store"]
+
+
+def open_store(config: Config) -> Store:
+    """Open the backend that config.database_url names."""
+    return SQLiteStore(config.sqlite_path)

@@ -1,0 +1,110 @@
+"""The storage interface: what the aggregator needs from a database, and no more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# A validated event ready to store: (topic, event_id, ts_us, timestamp, source, payload_json).
+Row = tuple[str, str, int, str, str, str]
+
+
+class StoreError(Exception):
+    """The database could not do what was asked; a retry later may succeed."""
+
+    code = "database_unavailable"
+
+
+class StoreFull(StoreError):
+    """The database has no room left for the write."""
+
+    code = "database_full"
+
+
+@dataclass
+class Batch:
+    """The valid events of one request, grouped by topic, and its rejected count."""
+
+    by_topic: dict[str, list[Row]] = field(default_factory=dict)
+    rejected: int = 0
+
+    @property
+    def size(self) -> int:
+        """Return how many valid events the batch holds."""
+        return sum(len(rows) for rows in self.by_topic.values())
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One stored event as it is returned to readers."""
+
+    seq: int
+    topic: str
+    event_id: str
+    timestamp: str
+    source: str
+    payload: str
+    received_at: str
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The persisted counters, exact across processes and restarts."""
+
+    received: int
+    unique_processed: int
+    duplicate_dropped: int
+    rejected: int
+    topics: dict[str, int]
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Filters and keyset position for a page of events."""
+
+    topic: str | None = None
+    source: str | None = None
+    since: int | None = None
+    until: int | None = None
+    after: int | None = None
+    limit: int = 100
+    descending: bool = False
+
+
+class Writer:
+    """A write connection owned by one writer thread."""
+
+    def write(self, batches: list[Batch]) -> list[int]:
+        """Commit every batch in ONE transaction; return each batch's newly stored count.
+
+        Counters are updated in the same transaction. Raises StoreError (and
+        stores nothing) when the transaction cannot commit.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection; safe to call twice."""
+        raise NotImplementedError
+
+
+class Store:
+    """A database of events and counters. Subclasses implement every method."""
+
+    def writer(self) -> Writer:
+        """Open a write connection for one writer thread."""
+        raise NotImplementedError
+
+    def counters(self) -> Counters:
+        """Return the counters, in time independent of the number of events."""
+        raise NotImplementedError
+
+    def events(self, query: EventQuery) -> list[StoredEvent]:
+        """Return up to query.limit events in ingestion order after the cursor."""
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release every connection this thread holds; safe to call twice."""
+        raise NotImplementedError

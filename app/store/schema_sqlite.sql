@@ -1,0 +1,28 @@
+-- seq aliases the rowid, so the ingestion order used by cursors survives VACUUM.
+-- (topic, event_id) is the dedup key: a rowid table with a unique key is how
+-- SQLite stores PRIMARY KEY (topic, event_id) anyway, and it was faster than
+-- WITHOUT ROWID for random keys.
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY,
+    topic       TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    ts          INTEGER NOT NULL,
+    timestamp   TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (topic, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_topic_seq ON events (topic, seq);
+
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES
+    ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0);
+
+CREATE TABLE IF NOT EXISTS topic_counts (
+    topic TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);

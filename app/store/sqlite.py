@@ -1,0 +1,185 @@
+"""SQLite storage: WAL, synchronous=FULL, one cross-process write lock, group commit."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from importlib import resources
+
+from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+_INSERT = (
+    "INSERT OR IGNORE INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+)
+_ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
+_ADD_TOPIC = (
+    "INSERT INTO topic_counts (topic, count) VALUES (?, ?)"
+    " ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count"
+)
+_COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
+
+
+def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
+    """Open a connection with the settings every connection needs (the only place we connect)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = FULL")
+    if read_only:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    """Map a sqlite3 error to the StoreError the API turns into a 503."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"database is full: {exc}")
+    return StoreError(f"database error: {exc}")
+
+
+@contextmanager
+def translated_errors():
+    """Re-raise sqlite3 errors as StoreError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+
+
+class SQLiteWriter(Writer):
+    """A write connection plus this writer's handle on the cross-process write lock."""
+
+    def __init__(self, path: str):
+        self._conn = connect(path)
+        # SQLite's busy handler polls with sleeps of up to 100 ms; an flock wakes the
+        # next writer (any process) the moment the current one commits.
+        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def write(self, batches: list[Batch]) -> list[int]:
+        """Commit every batch in one transaction; return each batch's newly stored count."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            with translated_errors():
+                return self._write_locked(batches)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _write_locked(self, batches: list[Batch]) -> list[int]:
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            stored, topics, received, rejected = [], Counter(), 0, 0
+            for batch in batches:
+                new = 0
+                for topic, rows in batch.by_topic.items():
+                    cur.executemany(_INSERT, rows)
+                    new += cur.rowcount
+                    topics[topic] += cur.rowcount
+                    received += len(rows)
+                stored.append(new)
+                rejected += batch.rejected
+            unique = sum(stored)
+            cur.executemany(_ADD_COUNTER, [
+                (received, "received"), (unique, "unique_processed"),
+                (received - unique, "duplicate_dropped"), (rejected, "rejected")])
+            cur.executemany(_ADD_TOPIC, [(t, n) for t, n in topics.items() if n])
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        return stored
+
+    def close(self) -> None:
+        """Close the connection and the lock file; safe to call twice."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            self._conn.close()
+
+
+class SQLiteStore(Store):
+    """Events and counters in one SQLite file in WAL mode."""
+
+    def __init__(self, path: str):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        schema = resources.files(__package__).joinpath("schema_sqlite.sql").read_text()
+        with translated_errors():
+            conn = connect(path)
+            try:
+                # Switching to WAL is persistent and idempotent; it needs no open transaction.
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(f"BEGIN IMMEDIATE; {schema} COMMIT;")
+            finally:
+                conn.close()
+
+    def writer(self) -> SQLiteWriter:
+        """Open a write connection for one writer thread."""
+        with translated_errors():
+            return SQLiteWriter(self.path)
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, read_only=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def counters(self) -> Counters:
+        """Return the counters and per-topic counts (constant time in the number of events)."""
+        with translated_errors():
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                values = dict(conn.execute("SELECT name, value FROM counters"))
+                topics = dict(conn.execute("SELECT topic, count FROM topic_counts ORDER BY topic"))
+            finally:
+                conn.execute("COMMIT")
+        return Counters(values["received"], values["unique_processed"],
+                        values["duplicate_dropped"], values["rejected"], topics)
+
+    def events(self, query: EventQuery) -> list[StoredEvent]:
+        """Return up to query.limit events after the cursor, oldest or newest first."""
+        where, params = [], []
+        for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
+                                  ("ts", ">=", query.since), ("ts", "<", query.until),
+                                  ("seq", "<" if query.descending else ">", query.after)):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                params.append(value)
+        sql = f"SELECT {_COLUMNS} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
+        params.append(query.limit)
+        with translated_errors():
+            return [StoredEvent(*row) for row in self._reader().execute(sql, params)]
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers a read."""
+        with translated_errors():
+            self._reader().execute("SELECT value FROM counters LIMIT 1").fetchone()
+
+    def close(self) -> None:
+        """Close every reader connection; safe to call twice."""
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        self._local = threading.local()

@@ -1,0 +1,121 @@
+"""HTTP endpoints: publish, events, stats, health."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from datetime import UTC, datetime
+
+from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
+from marshmallow import ValidationError
+
+from .body import read_events
+from .config import Config
+from .errors import APIError
+from .ingest import Ingestor
+from .schemas import EventsQuerySchema, build_batch, encode_cursor
+from .store import EventQuery, Store, StoreError
+
+bp = Blueprint("api", __name__)
+_events_query = EventsQuerySchema()
+
+
+def _config() -> Config:
+    return current_app.config["AGGREGATOR"]
+
+
+def _store() -> Store:
+    return current_app.extensions["store"]
+
+
+def _ingestor() -> Ingestor:
+    return current_app.extensions["ingestor"]
+
+
+def _check_token(token: str | None) -> None:
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        raise APIError(401, "unauthorized", "Send Authorization: Bearer <token>.")
+
+
+@bp.post("/publish")
+def publish() -> tuple[Response, int]:
+    """Validate, durably store and count a batch of events."""
+    config = _config()
+    _check_token(config.api_token)
+    raw = read_events(request, max_body=config.max_body, max_batch=config.max_batch)
+    batch, errors = build_batch(raw, current_app.extensions["event_schema"])
+    outcome = _ingestor().submit(batch)
+    body = {"received": outcome.received, "unique_processed": outcome.unique_processed,
+            "duplicate_dropped": outcome.duplicate_dropped, "rejected": outcome.rejected}
+    if not errors:
+        return jsonify(body), 200
+    if outcome.received:
+        return jsonify({**body, "errors": errors}), 207
+    return jsonify({"error": "invalid_events", "message": "No event in the request was valid.",
+                    **body, "errors": errors}), 422
+
+
+@bp.get("/")
+def index() -> Response:
+    """Lead to the events page."""
+    return redirect(url_for("api.events"))
+
+
+@bp.get("/events")
+def events() -> Response:
+    """Return a page of stored events, filtered, in ingestion order."""
+    try:
+        args = _events_query.load(request.args)
+    except ValidationError as exc:
+        names = ", ".join(sorted(exc.messages))
+        raise APIError(400, "bad_query", f"Invalid query parameter(s): {names}.",
+                       errors=exc.messages) from None
+    limit = args["limit"]
+    query = EventQuery(topic=args.get("topic"), source=args.get("source"),
+                       since=args.get("since"), until=args.get("until"),
+                       after=args.get("after"), limit=limit + 1,
+                       descending=args["order"] == "desc")
+    rows = _store().events(query)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].seq) if len(rows) > limit else None
+    return jsonify({
+        "events": [{"topic": e.topic, "event_id": e.event_id, "timestamp": e.timestamp,
+                    "source": e.source, "payload": json.loads(e.payload),
+                    "received_at": e.received_at} for e in page],
+        "next_cursor": next_cursor,
+    })
+
+
+@bp.get("/stats")
+def stats() -> Response:
+    """Return the persisted counters and this process's queue depth."""
+    counters = _store().counters()
+    started = current_app.extensions["started_at"]
+    return jsonify({
+        "received": counters.received, "unique_processed": counters.unique_processed,
+        "duplicate_dropped": counters.duplicate_dropped, "rejected": counters.rejected,
+        "topics": counters.topics,
+        "uptime": round(time.time() - started, 3),
+        "started_at": datetime.fromtimestamp(started, UTC)
+                              .isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "queue_depth": _ingestor().depth,
+    })
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    """Answer 200 when the database answers and the writers are alive, else 503."""
+    checks = {"database": "ok", "writers": "ok"}
+    try:
+        _store().ping()
+    except StoreError as exc:
+        checks["database"] = str(exc)
+    if not _ingestor().alive:
+        checks["writers"] = "stopped"
+    healthy = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ok" if healthy else "unavailable", "checks": checks}), (
+        200 if healthy else 503)

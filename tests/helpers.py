@@ -1,0 +1,97 @@
+"""Test helpers: event factories, direct database reads, and a real gunicorn process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def event(event_id: str, topic: str = "orders", **fields) -> dict:
+    """Return a valid event; keyword arguments override or add fields."""
+    base = {"topic": topic, "event_id": event_id, "timestamp": "2025-10-18T03:00:00Z",
+            "source": "test", "payload": {"n": event_id}}
+    base.update(fields)
+    return base
+
+
+def table_keys(db_path: Path) -> list[tuple[str, str]]:
+    """Return every stored (topic, event_id), read straight from the SQLite file."""
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute("SELECT topic, event_id FROM events").fetchall()
+
+
+def db_counters(db_path: Path) -> dict[str, int]:
+    """Return the persisted counters, read straight from the SQLite file."""
+    with sqlite3.connect(db_path) as conn:
+        return dict(conn.execute("SELECT name, value FROM counters"))
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GunicornServer:
+    """A real gunicorn process group serving the aggregator on a loopback port."""
+
+    def __init__(self, db_path: Path, log_path: Path, *, workers: int = 2, writers: int = 1,
+                 threads: int = 8, env: dict | None = None):
+        self.db_path = db_path
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_path}",
+                    "WEB_CONCURRENCY": str(workers), "AGGREGATOR_WRITERS": str(writers),
+                    "AGGREGATOR_THREADS": str(threads), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: float = 20.0) -> GunicornServer:
+        """Start gunicorn in its own process group and wait until /health answers 200."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
+                 "--bind", f"127.0.0.1:{self.port}", "app:create_app()"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text()[-2000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"gunicorn did not become healthy: {self.log_path.read_text()[-2000:]}")
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        """Send SIGTERM to the master and return its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (master and workers), if still there."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)

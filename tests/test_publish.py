@@ -1,0 +1,281 @@
+"""POST /publish through the Flask app on a real SQLite file: dedup, body forms, validation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from tests.helpers import db_counters, event, table_keys
+
+
+def publish(client, body, content_type="application/json", **headers):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return client.post("/publish", data=data, content_type=content_type, headers=headers)
+
+
+def test_same_event_twice_is_stored_once_and_counted_as_duplicate(client, db_path):
+    first = publish(client, event("e1"))
+    second = publish(client, event("e1"))
+    assert first.status_code == second.status_code == 200
+    assert first.json == {"received": 1, "unique_processed": 1, "duplicate_dropped": 0,
+                          "rejected": 0}
+    assert second.json == {"received": 1, "unique_processed": 0, "duplicate_dropped": 1,
+                           "rejected": 0}
+    assert table_keys(db_path) == [("orders", "e1")]
+
+
+def test_same_event_id_in_two_topics_is_two_events(client, db_path):
+    response = publish(client, [event("e1", topic="a"), event("e1", topic="b")])
+    assert response.json["unique_processed"] == 2
+    assert sorted(table_keys(db_path)) == [("a", "e1"), ("b", "e1")]
+    assert client.get("/stats").json["topics"] == {"a": 1, "b": 1}
+
+
+def test_duplicates_inside_one_batch_are_counted(client, db_path):
+    response = publish(client, [event("x"), event("y"), event("x"), event("x")])
+    assert response.json == {"received": 4, "unique_processed": 2, "duplicate_dropped": 2,
+                             "rejected": 0}
+    assert len(table_keys(db_path)) == 2
+
+
+def test_first_write_wins_when_a_duplicate_differs(client):
+    publish(client, event("e1", source="first"))
+    response = publish(client, event("e1", source="second", payload={"other": True}))
+    assert response.json["duplicate_dropped"] == 1
+    stored = client.get("/events").json["events"]
+    assert [(e["source"], e["payload"]) for e in stored] == [("first", {"n": "e1"})]
+
+
+@pytest.mark.parametrize("form", ["object", "array", "events", "ndjson", "gzip-json",
+                                  "gzip-ndjson"])
+def test_every_body_form_is_accepted(client, db_path, form):
+    events = [event("a"), event("b")] if form != "object" else [event("a")]
+    if form == "object":
+        body, ctype, headers = json.dumps(events[0]), "application/json", {}
+    elif form in ("array", "gzip-json"):
+        body, ctype, headers = json.dumps(events), "application/json", {}
+    elif form == "events":
+        body, ctype, headers = json.dumps({"events": events}), "application/json", {}
+    else:
+        body = "\n".join(json.dumps(e) for e in events) + "\n\n"
+        ctype, headers = "application/x-ndjson", {}
+    if form.startswith("gzip"):
+        body, headers = gzip.compress(body.encode()), {"Content-Encoding": "gzip"}
+    response = publish(client, body, ctype, **headers)
+    assert response.status_code == 200, response.json
+    assert response.json["unique_processed"] == len(events)
+    assert sorted(k for _, k in table_keys(db_path)) == [e["event_id"] for e in events]
+
+
+def test_empty_batch_is_a_200_with_zeros(client):
+    for body in ([], {"events": []}):
+        response = publish(client, body)
+        assert response.status_code == 200
+        assert response.json == {"received": 0, "unique_processed": 0, "duplicate_dropped": 0,
+                                 "rejected": 0}
+
+
+BAD_EVENTS = [
+    ("missing topic", {k: v for k, v in event("m").items() if k != "topic"}, "topic"),
+    ("empty topic", event("m", topic=""), "topic"),
+    ("long topic", event("m", topic="t" * 256), "topic"),
+    ("topic not a string", event("m", topic=7), "topic"),
+    ("control char in topic", event("m", topic="a\nb"), "topic"),
+    ("NUL in event_id", event("a\x00b"), "event_id"),
+    ("empty event_id", event(""), "event_id"),
+    ("long event_id", event("e" * 256), "event_id"),
+    ("missing source", {k: v for k, v in event("m").items() if k != "source"}, "source"),
+    ("long source", event("m", source="s" * 256), "source"),
+    ("naive timestamp", event("m", timestamp="2025-10-18T03:00:00"), "timestamp"),
+    ("impossible date", event("m", timestamp="2025-02-30T00:00:00Z"), "timestamp"),
+    ("impossible hour", event("m", timestamp="2025-10-18T25:00:00Z"), "timestamp"),
+    ("timestamp not a string", event("m", timestamp=1760756400), "timestamp"),
+    ("garbage timestamp", event("m", timestamp="yesterday"), "timestamp"),
+    ("payload a list", event("m", payload=[1, 2]), "payload"),
+    ("payload a string", event("m", payload="x"), "payload"),
+    ("payload null", event("m", payload=None), "payload"),
+    ("payload too large", event("m", payload={"x": "y" * 70_000}), "payload"),
+    ("unknown field", event("m", severity="high"), "severity"),
+]
+
+
+@pytest.mark.parametrize("label,bad,field", BAD_EVENTS, ids=[b[0] for b in BAD_EVENTS])
+def test_invalid_event_is_refused_naming_its_index_and_field(client, db_path, label, bad, field):
+    response = publish(client, [event("good"), bad])
+    assert response.status_code == 207
+    assert response.json["received"] == 1
+    assert response.json["rejected"] == 1
+    assert list(response.json["errors"]) == ["1"]
+    assert field in response.json["errors"]["1"]
+    assert table_keys(db_path) == [("orders", "good")]
+
+
+def test_naive_timestamp_error_says_the_offset_is_missing(client):
+    response = publish(client, event("m", timestamp="2025-10-18T03:00:00"))
+    assert "offset" in response.json["errors"]["0"]["timestamp"][0]
+
+
+def test_non_object_in_a_batch_is_refused_by_index(client):
+    response = publish(client, [event("ok"), 42, "text", None])
+    assert response.status_code == 207
+    assert sorted(response.json["errors"]) == ["1", "2", "3"]
+
+
+def test_batch_with_no_valid_event_is_422_and_stores_nothing(client, db_path):
+    response = publish(client, [event("a", topic=""), event("b", timestamp="nope")])
+    assert response.status_code == 422
+    assert response.json["error"] == "invalid_events"
+    assert response.json["rejected"] == 2 and response.json["received"] == 0
+    assert sorted(response.json["errors"]) == ["0", "1"]
+    assert table_keys(db_path) == []
+    assert client.get("/stats").json["rejected"] == 2
+
+
+def test_mixed_batch_stores_only_the_valid_events_and_counts_rejected(client, db_path):
+    batch = [event("v1"), event("bad", topic=""), event("v2"), event("v1"), {"topic": "x"}]
+    response = publish(client, batch)
+    assert response.status_code == 207
+    assert {k: response.json[k] for k in ("received", "unique_processed", "duplicate_dropped",
+                                          "rejected")} == {
+        "received": 3, "unique_processed": 2, "duplicate_dropped": 1, "rejected": 2}
+    assert sorted(response.json["errors"]) == ["1", "4"]
+    assert sorted(table_keys(db_path)) == [("orders", "v1"), ("orders", "v2")]
+    assert db_counters(db_path)["rejected"] == 2
+
+
+WHOLE_REQUEST_ERRORS = [
+    ("malformed JSON", b'[{"topic": ', "application/json", {}, 400, "malformed_json"),
+    ("NaN is not JSON", b'{"x": NaN}', "application/json", {}, 400, "malformed_json"),
+    ("invalid UTF-8", b'[{"topic": "\xff\xfe"}]', "application/json", {}, 400, "bad_utf8"),
+    ("bad gzip", b"not gzip at all", "application/json", {"Content-Encoding": "gzip"}, 400,
+     "bad_gzip"),
+    ("truncated gzip", gzip.compress(b"[]" * 1000)[:-12], "application/json",
+     {"Content-Encoding": "gzip"}, 400, "bad_gzip"),
+    ("body a number", b"42", "application/json", {}, 400, "bad_body"),
+    ("events not a list", b'{"events": {"a": 1}}', "application/json", {}, 400, "bad_body"),
+    ("bad NDJSON line", b'{"a": 1}\n{oops\n', "application/x-ndjson", {}, 400,
+     "malformed_json"),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json", {}, 400,
+     "malformed_json"),
+    ("text/plain", b"[]", "text/plain", {}, 415, "unsupported_media_type"),
+    ("form", b"a=1", "application/x-www-form-urlencoded", {}, 415, "unsupported_media_type"),
+    ("brotli", b"[]", "application/json", {"Content-Encoding": "br"}, 415,
+     "unsupported_encoding"),
+]
+
+
+@pytest.mark.parametrize("label,body,ctype,headers,status,code", WHOLE_REQUEST_ERRORS,
+                         ids=[e[0] for e in WHOLE_REQUEST_ERRORS])
+def test_bad_request_body_gets_a_json_4xx_and_stores_nothing(client, db_path, label, body,
+                                                             ctype, headers, status, code):
+    response = publish(client, body, ctype, **headers)
+    assert response.status_code == status
+    assert response.is_json and response.json["error"] == code
+    assert response.json["message"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert table_keys(db_path) == []
+    assert db_counters(db_path)["received"] == 0
+
+
+def test_too_many_events_is_413(make_app, db_path):
+    client = make_app(max_batch=5).test_client()
+    for body, ctype in ((json.dumps([event(str(i)) for i in range(6)]), "application/json"),
+                        ("\n".join(json.dumps(event(str(i))) for i in range(6)),
+                         "application/x-ndjson")):
+        response = publish(client, body, ctype)
+        assert response.status_code == 413
+        assert response.json["error"] == "too_many_events"
+    assert publish(client, [event(str(i)) for i in range(5)]).status_code == 200
+
+
+def test_body_over_the_limit_is_413(make_app, db_path):
+    client = make_app(max_body=1000).test_client()
+    response = publish(client, [event(str(i)) for i in range(20)])
+    assert response.status_code == 413
+    assert response.json["error"] == "body_too_large"
+    assert table_keys(db_path) == []
+
+
+def test_gzip_bomb_is_stopped_while_decompressing(make_app, db_path):
+    client = make_app(max_body=1024 * 1024).test_client()
+    bomb = gzip.compress(b"[" + b" " * (200 * 1024 * 1024) + b"]", compresslevel=9)
+    assert len(bomb) < 1024 * 1024
+    response = publish(client, bomb, **{"Content-Encoding": "gzip"})
+    assert response.status_code == 413
+    assert response.json["error"] == "body_too_large"
+
+
+def test_token_is_required_when_configured(make_app, db_path):
+    client = make_app(api_token="s3cret").test_client()
+    assert publish(client, event("a")).status_code == 401
+    assert publish(client, event("a"), Authorization="Bearer wrong").status_code == 401
+    assert publish(client, event("a"), Authorization="Bearer s3cret").status_code == 200
+    assert table_keys(db_path) == [("orders", "a")]
+
+
+def test_payload_round_trip_is_exact(client):
+    payload = {"nested": {"list": [1, [2, [3, {"deep": True}]]], "empty": {}, "none": None},
+               "unicode": "héllo wörld ✓ 日本語 🎉", "int": 2 ** 62, "neg": -17,
+               "float": 0.1 + 0.2, "small": 1e-300, "bool": False, "escapes": "a\"b\\c\n\t"}
+    publish(client, event("p", payload=payload))
+    stored = client.get("/events").json["events"][0]
+    assert stored["payload"] == payload
+    assert json.dumps(stored["payload"], sort_keys=True) == json.dumps(payload, sort_keys=True)
+
+
+@pytest.mark.parametrize("given,normalised", [
+    ("2025-10-18T10:00:00+07:00", "2025-10-18T03:00:00Z"),
+    ("2025-10-18T03:00:00Z", "2025-10-18T03:00:00Z"),
+    ("2025-10-17T22:30:00.250-04:30", "2025-10-18T03:00:00.250Z"),
+    ("2025-10-18T03:00:00.123456+00:00", "2025-10-18T03:00:00.123456Z"),
+    ("2025-01-01T00:30:00+01:00", "2024-12-31T23:30:00Z"),
+])
+def test_timestamps_come_back_normalised_to_utc(client, given, normalised):
+    publish(client, event("t", timestamp=given))
+    assert client.get("/events").json["events"][0]["timestamp"] == normalised
+
+
+def test_stats_are_exact_after_a_mix_of_batches(client, db_path):
+    publish(client, [event(str(i), topic="a") for i in range(10)])
+    publish(client, [event(str(i), topic="a") for i in range(5, 15)])
+    publish(client, [event(str(i), topic="b") for i in range(3)] + [event("x", topic="")])
+    publish(client, event("0", topic="a"))
+    publish(client, [event("bad", timestamp="2025-10-18")])
+    stats = client.get("/stats").json
+    assert stats["received"] == 24
+    assert stats["unique_processed"] == 18
+    assert stats["duplicate_dropped"] == 6
+    assert stats["rejected"] == 2
+    assert stats["topics"] == {"a": 15, "b": 3}
+    assert stats["received"] == stats["unique_processed"] + stats["duplicate_dropped"]
+    assert stats["unique_processed"] == len(table_keys(db_path))
+    assert stats["queue_depth"] == 0 and stats["uptime"] >= 0 and stats["started_at"]
+
+
+def test_counters_survive_a_new_app_on_the_same_file(make_app, db_path):
+    publish(make_app().test_client(), [event("a"), event("b")])
+    stats = make_app().test_client().get("/stats").json
+    assert (stats["received"], stats["unique_processed"]) == (2, 2)
+
+
+def test_errors_are_json_for_unknown_routes_and_methods(client):
+    missing = client.get("/nope")
+    assert missing.status_code == 404 and missing.json["error"] == "not_found"
+    wrong = client.get("/publish")
+    assert wrong.status_code == 405 and wrong.json["error"] == "method_not_allowed"
+    assert "POST" in wrong.headers["Allow"]
+
+
+def test_health_is_ok_with_a_live_database_and_writer(client):
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "ok"
+
+
+def test_health_is_503_once_the_writers_are_stopped(app, client):
+    app.extensions["ingestor"].close()
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json["checks"]["writers"] == "stopped"
+    refused = publish(client, event("late"))
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
