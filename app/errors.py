@@ -67,8 +67,12 @@ def _commit_timeout(exc: CommitTimeout):
 
 
 def _store_error(exc: StoreError):
-    return error_response(APIError(503, exc.code, f"{exc} Retrying later is safe.",
-                                   retry_after=5))
+    # The database's own words go to the log, not to the client.
+    log.error("store error: %s", exc)
+    message = {"database_full": "The database is full; nothing of this request was stored."}
+    return error_response(APIError(
+        503, exc.code, message.get(exc.code, "The database is unavailable; retrying is safe."),
+        retry_after=5))
 
 
 def init_app(app: Flask) -> None:

@@ -74,7 +74,7 @@ class Ingestor:
 
     def submit(self, batch: Batch) -> Outcome:
         """Queue the batch and block until it is committed; return its exact counts."""
-        received = batch.size
+        received = len(batch.rows)
         if received == 0 and batch.rejected == 0:
             return Outcome(0, 0, 0)
         item = _Item(batch, Future())
@@ -115,14 +115,14 @@ class Ingestor:
             writer.close()
 
     def _drain(self, first: _Item) -> list[_Item]:
-        group, events = [first], first.batch.size
+        group, events = [first], len(first.batch.rows)
         while events < MAX_COMMIT_EVENTS:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             group.append(item)
-            events += item.batch.size
+            events += len(item.batch.rows)
         return group
 
     def _commit(self, writer, group: list[_Item]) -> None:

@@ -156,8 +156,7 @@ class EventsQuerySchema(Schema):
 
 def build_batch(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
     """Validate each raw event; return the valid ones as a Batch and the errors by index."""
-    batch, errors = Batch(), {}
-    by_topic = batch.by_topic
+    rows, errors = [], {}
     load = schema.load
     for index, raw in enumerate(raw_events):
         try:
@@ -165,13 +164,7 @@ def build_batch(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str,
         except ValidationError as exc:
             errors[str(index)] = exc.messages
             continue
-        topic = event["topic"]
         ts, text = event["timestamp"]
-        row = (topic, event["event_id"], ts, text, event["source"], event["payload"])
-        rows = by_topic.get(topic)
-        if rows is None:
-            by_topic[topic] = [row]
-        else:
-            rows.append(row)
-    batch.rejected = len(errors)
-    return batch, errors
+        rows.append((event["topic"], event["event_id"], ts, text, event["source"],
+                     event["payload"]))
+    return Batch(rows, len(errors)), errors

@@ -22,15 +22,10 @@ class StoreFull(StoreError):
 
 @dataclass
 class Batch:
-    """The valid events of one request, grouped by topic, and its rejected count."""
+    """The valid events of one request, in the order sent, and its rejected count."""
 
-    by_topic: dict[str, list[Row]] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
     rejected: int = 0
-
-    @property
-    def size(self) -> int:
-        """Return how many valid events the batch holds."""
-        return sum(len(rows) for rows in self.by_topic.values())
 
 
 @dataclass(frozen=True)

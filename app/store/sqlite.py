@@ -7,7 +7,6 @@ import logging
 import os
 import sqlite3
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from importlib import resources
 
@@ -21,8 +20,9 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
 )
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
-_ADD_TOPIC = (
-    "INSERT INTO topic_counts (topic, count) VALUES (?, ?)"
+_ADD_TOPICS = (
+    "INSERT INTO topic_counts (topic, count)"
+    " SELECT topic, count(*) FROM events WHERE seq > ? GROUP BY topic"
     " ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count"
 )
 _COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
@@ -77,21 +77,20 @@ class SQLiteWriter(Writer):
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            stored, topics, received, rejected = [], Counter(), 0, 0
+            # Under the write lock, every row with a higher seq is one this transaction adds.
+            (last_seq,) = cur.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+            stored = []
             for batch in batches:
-                new = 0
-                for topic, rows in batch.by_topic.items():
-                    cur.executemany(_INSERT, rows)
-                    new += cur.rowcount
-                    topics[topic] += cur.rowcount
-                    received += len(rows)
-                stored.append(new)
-                rejected += batch.rejected
+                cur.executemany(_INSERT, batch.rows)
+                stored.append(cur.rowcount)
+            received = sum(len(batch.rows) for batch in batches)
             unique = sum(stored)
             cur.executemany(_ADD_COUNTER, [
                 (received, "received"), (unique, "unique_processed"),
-                (received - unique, "duplicate_dropped"), (rejected, "rejected")])
-            cur.executemany(_ADD_TOPIC, [(t, n) for t, n in topics.items() if n])
+                (received - unique, "duplicate_dropped"),
+                (sum(batch.rejected for batch in batches), "rejected")])
+            if unique:
+                cur.execute(_ADD_TOPICS, (last_seq,))
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:

@@ -1,0 +1,118 @@
+"""GET /events: keyset pagination, filters, ordering and parameter errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from tests.helpers import event
+
+
+def post(url, batch):
+    response = requests.post(url + "/publish", json=batch, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_cursor_paging_returns_each_event_once_while_more_arrive(gunicorn):
+    server = gunicorn()
+    for start in range(0, 2600, 500):
+        post(server.url, [event(f"old-{i}") for i in range(start, min(start + 500, 2600))])
+    stop = threading.Event()
+
+    def keep_publishing():
+        for n in range(200):
+            if stop.wait(0.01):
+                return
+            post(server.url, [event(f"new-{n}-{i}") for i in range(10)])
+
+    writer = threading.Thread(target=keep_publishing)
+    writer.start()
+    try:
+        seen, cursor, pages = [], None, 0
+        with requests.Session() as session:
+            while True:
+                params = {"limit": 97, **({"after": cursor} if cursor else {})}
+                page = session.get(server.url + "/events", params=params, timeout=10).json()
+                seen.extend(e["event_id"] for e in page["events"])
+                pages += 1
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+    finally:
+        stop.set()
+        writer.join()
+    assert len(seen) == len(set(seen))
+    assert {f"old-{i}" for i in range(2600)} <= set(seen)
+    assert seen[:2600] == [f"old-{i}" for i in range(2600)]
+    assert pages >= 27
+
+
+@pytest.fixture
+def filled(client):
+    batch = []
+    for i in range(60):
+        batch.append(event(f"e{i}", topic=("a", "b", "c")[i % 3], source=("s1", "s2")[i % 2],
+                           timestamp=f"2025-10-18T{i // 6:02d}:{(i % 6) * 10:02d}:00+00:00"))
+    assert client.post("/publish", json=batch).status_code == 200
+    return batch
+
+
+def ids(response):
+    assert response.status_code == 200, response.json
+    return [e["event_id"] for e in response.json["events"]]
+
+
+def test_filters_combine(client, filled):
+    expected = [e["event_id"] for e in filled
+                if e["topic"] == "a" and e["source"] == "s2"
+                and "2025-10-18T02:00:00" <= e["timestamp"][:19] < "2025-10-18T08:00:00"]
+    got = ids(client.get("/events", query_string={
+        "topic": "a", "source": "s2", "since": "2025-10-18T02:00:00Z",
+        "until": "2025-10-18T10:00:00+02:00"}))
+    assert got == expected and len(expected) == 6
+
+
+def test_since_compares_instants_not_text(client, filled):
+    got = ids(client.get("/events", query_string={"since": "2025-10-18T11:50:00+02:00"}))
+    assert got == [f"e{i}" for i in range(59, 60)]
+
+
+def test_descending_order_pages_newest_first(client, filled):
+    first = client.get("/events", query_string={"order": "desc", "limit": 25}).json
+    second = client.get("/events", query_string={"order": "desc", "limit": 25,
+                                                 "after": first["next_cursor"]}).json
+    third = client.get("/events", query_string={"order": "desc", "limit": 25,
+                                                "after": second["next_cursor"]}).json
+    got = [e["event_id"] for page in (first, second, third) for e in page["events"]]
+    assert got == [f"e{i}" for i in reversed(range(60))]
+    assert third["next_cursor"] is None
+
+
+def test_topic_filter_pages_with_cursor(client, filled):
+    first = client.get("/events", query_string={"topic": "b", "limit": 15}).json
+    rest = client.get("/events", query_string={"topic": "b", "limit": 15,
+                                               "after": first["next_cursor"]}).json
+    got = [e["event_id"] for e in first["events"] + rest["events"]]
+    assert got == [f"e{i}" for i in range(1, 60, 3)]
+    assert rest["next_cursor"] is None
+
+
+def test_event_fields_are_returned(client, filled):
+    first = client.get("/events", query_string={"limit": 1}).json["events"][0]
+    assert set(first) == {"topic", "event_id", "timestamp", "source", "payload", "received_at"}
+    assert first["received_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("param,value", [
+    ("limit", "0"), ("limit", "1001"), ("limit", "ten"), ("order", "sideways"),
+    ("since", "yesterday"), ("until", "2025-10-18T03:00:00"), ("after", "not-a-cursor"),
+    ("topic", ""),
+])
+def test_bad_query_parameter_is_400_naming_it(client, param, value):
+    response = client.get("/events", query_string={param: value})
+    assert response.status_code == 400
+    assert response.json["error"] == "bad_query"
+    assert param in response.json["message"] and param in response.json["errors"]

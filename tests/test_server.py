@@ -1,0 +1,158 @@
+"""The aggregator under a real gunicorn: concurrency, restarts, crashes, start-up checks."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+from tests.helpers import ROOT, db_counters, event, table_keys
+
+
+def stats(url: str) -> dict:
+    return requests.get(url + "/stats", timeout=10).json()
+
+
+def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db_path):
+    server = gunicorn(workers=2, writers=2)
+    ids = [f"id-{i}" for i in range(400)]
+    sent, results, errors = Counter(), [], []
+    lock = threading.Lock()
+
+    def publisher(seed: int) -> None:
+        rng = random.Random(seed)
+        with requests.Session() as session:
+            for _ in range(15):
+                batch = [event(rng.choice(ids), topic=rng.choice(["a", "b"]))
+                         for _ in range(rng.randint(1, 40))]
+                response = session.post(server.url + "/publish", json=batch, timeout=30)
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(response.text)
+                    results.append(response.json())
+                    sent.update((e["topic"], e["event_id"]) for e in batch)
+
+    threads = [threading.Thread(target=publisher, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    keys = table_keys(db_path)
+    assert len(keys) == len(set(keys)) == len(sent)
+    total = sum(sent.values())
+    assert sum(r["received"] for r in results) == total
+    assert sum(r["unique_processed"] for r in results) == len(sent)
+    assert sum(r["duplicate_dropped"] for r in results) == total - len(sent)
+    now = stats(server.url)
+    assert (now["received"], now["unique_processed"], now["duplicate_dropped"]) == (
+        total, len(sent), total - len(sent))
+    assert now["topics"] == dict(Counter(topic for topic, _ in sent))
+
+
+def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db_path):
+    server = gunicorn()
+    batch = [event(str(i), topic=f"t{i % 3}") for i in range(300)]
+    assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+    before = stats(server.url)
+    assert server.terminate() == 0
+    restarted = gunicorn()
+    after = stats(restarted.url)
+    for key in ("received", "unique_processed", "duplicate_dropped", "rejected", "topics"):
+        assert after[key] == before[key]
+    again = requests.post(restarted.url + "/publish", json=batch, timeout=10).json()
+    assert again["unique_processed"] == 0 and again["duplicate_dropped"] == 300
+    assert len(table_keys(db_path)) == 300
+    assert stats(restarted.url)["received"] == 600
+
+
+def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db_path):
+    server = gunicorn()
+    acknowledged, stop = [], threading.Event()
+
+    def load(worker: int) -> None:
+        with requests.Session() as session:
+            for n in range(10_000):
+                if stop.is_set():
+                    return
+                batch = [event(f"{worker}-{n}-{i}") for i in range(50)]
+                try:
+                    response = session.post(server.url + "/publish", json=batch, timeout=10)
+                except requests.ConnectionError:
+                    return
+                if response.status_code == 200:
+                    acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    assert server.terminate() == 0
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert acknowledged
+    stored = set(table_keys(db_path))
+    assert set(acknowledged) <= stored
+    counters = db_counters(db_path)
+    assert counters["unique_processed"] == len(stored)
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db_path):
+    server = gunicorn(workers=2, writers=2)
+    acknowledged, stop = [], threading.Event()
+
+    def load(worker: int) -> None:
+        with requests.Session() as session:
+            for n in range(10_000):
+                if stop.is_set():
+                    return
+                batch = [event(f"{worker}-{n}-{i}") for i in range(100)]
+                try:
+                    response = session.post(server.url + "/publish", json=batch, timeout=10)
+                except requests.ConnectionError:
+                    return
+                if response.status_code == 200:
+                    acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    server.proc.wait(10)
+    assert len(acknowledged) >= 1000
+    restarted = gunicorn()
+    keys = table_keys(db_path)
+    assert len(keys) == len(set(keys))
+    assert set(acknowledged) <= set(keys)
+    now = stats(restarted.url)
+    assert now["unique_processed"] == len(keys)
+    assert now["received"] == now["unique_processed"] + now["duplicate_dropped"]
+    assert now["topics"] == {"orders": len(keys)}
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("AGGREGATOR_MAX_BATCH", "many"), ("AGGREGATOR_WRITERS", "0"),
+    ("DATABASE_URL", "mysql://x"), ("AGGREGATOR_COMMIT_TIMEOUT", "-1"),
+])
+def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/d.db", variable: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
+         "--bind", "127.0.0.1:1", "app:create_app()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
