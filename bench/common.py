@@ -1,0 +1,131 @@
+"""Shared bench helpers: workloads, a real gunicorn server, process sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = ["orders", "payments", "auth", "shipping"]
+LEVELS = ["debug", "info", "warning", "error"]
+
+
+def make_events(unique: int, duplicate_rate: float, seed: int = 7) -> list[dict]:
+    """Return unique events plus round(unique * rate) re-sends, shuffled."""
+    rng = random.Random(seed)
+    events = [{
+        "topic": TOPICS[i % len(TOPICS)], "event_id": f"evt-{seed}-{i:09d}",
+        "timestamp": f"2025-10-18T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
+                     f".{i % 1000:03d}Z",
+        "source": f"svc-{i % 17}",
+        "payload": {"level": LEVELS[i % 4], "msg": f"request {i} handled", "user": i % 9973,
+                    "latency_ms": round(rng.random() * 250, 3), "ok": i % 5 != 0},
+    } for i in range(unique)]
+    events += rng.choices(events, k=round(unique * duplicate_rate))
+    rng.shuffle(events)
+    return events
+
+
+def make_bodies(events: list[dict], batch_size: int) -> list[bytes]:
+    """Encode the events as JSON array bodies of batch_size events."""
+    return [json.dumps(events[i:i + batch_size]).encode()
+            for i in range(0, len(events), batch_size)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class Server:
+    """The aggregator under gunicorn, as in production, on a loopback port."""
+
+    def __init__(self, db_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_path}", **(env or {})}
+        self.log = open(db_path.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
+             "--bind", f"127.0.0.1:{self.port}", "app:create_app()"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 30) -> None:
+        """Wait for /health and for every worker process to have booted."""
+        import http.client
+        workers = int(self.env.get("WEB_CONCURRENCY", "2"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                healthy = conn.getresponse().status == 200
+                conn.close()
+                if healthy and len(self.worker_pids()) >= workers:
+                    time.sleep(0.5)  # let the last worker finish importing the app
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def pids(self) -> list[int]:
+        """Return the master and worker pids."""
+        out = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def worker_pids(self) -> list[int]:
+        return [p for p in self.pids() if p != self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def rss_kib(pid: int) -> int:
+    """Return a process's resident set size in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return a process's user + system CPU seconds so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0

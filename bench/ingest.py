@@ -1,0 +1,178 @@
+"""Ingest benchmark: end-to-end through gunicorn vs the in-process single-core ceiling.
+
+Prints events/s, request latency, the server's peak RSS and per-worker CPU, for each
+run and as medians, plus the ratio end-to-end / ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import (
+    ROOT,
+    Server,
+    cpu_seconds,
+    make_bodies,
+    make_events,
+    median,
+    percentile,
+    rss_kib,
+)
+
+
+def ceiling(bodies: list[bytes], db_path: Path) -> float:
+    """Return events/s for parse + validate + insert on one core, one commit per body."""
+    from app.config import Config
+    from app.schemas import build_batch, make_event_schema
+    from app.store import SQLiteStore
+
+    store = SQLiteStore(str(db_path))
+    writer = store.writer()
+    schema = make_event_schema(Config().max_payload)
+    events = 0
+    start = time.perf_counter()
+    for body in bodies:
+        batch, _ = build_batch(json.loads(body), schema)
+        writer.write([batch])
+        events += len(batch.rows)
+    elapsed = time.perf_counter() - start
+    writer.close()
+    store.close()
+    return events / elapsed
+
+
+def _client(port: int, bodies: list[bytes], go, out) -> None:
+    """Send bodies over one keep-alive connection; report latencies and retries."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    latencies, retries, statuses = [], 0, {}
+    go.wait()
+    for body in bodies:
+        while True:
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/publish", body, headers)
+                response = conn.getresponse()
+                response.read()
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                retries += 1
+                continue
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status == 200:
+                latencies.append(time.perf_counter() - start)
+                break
+            retries += 1
+            time.sleep(float(response.getheader("Retry-After") or 0.05))
+    conn.close()
+    out.put((latencies, retries, statuses))
+
+
+def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
+               env: dict[str, str]) -> dict:
+    """Drive a real gunicorn server from separate client processes; return the figures."""
+    server = Server(db_path, env)
+    try:
+        ctx = mp.get_context("fork")
+        go, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_client, args=(server.port, bodies[i::clients], go, out))
+                 for i in range(clients)]
+        for proc in procs:
+            proc.start()
+        workers = server.worker_pids()
+        cpu_before = {pid: cpu_seconds(pid) for pid in workers}
+        peak, sampling = [0], threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.05):
+                peak[0] = max(peak[0], sum(rss_kib(pid) for pid in server.pids()))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        time.sleep(0.5)
+        start = time.perf_counter()
+        go.set()
+        results = [out.get() for _ in procs]
+        elapsed = time.perf_counter() - start
+        sampling.set()
+        sampler.join()
+        for proc in procs:
+            proc.join()
+        cpu = [round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in workers]
+        latencies = [lat for result in results for lat in result[0]]
+        statuses: dict[int, int] = {}
+        for result in results:
+            for status, count in result[2].items():
+                statuses[status] = statuses.get(status, 0) + count
+        stats = json.loads(_get(server.port, "/stats"))
+    finally:
+        server.stop()
+    return {"events_per_s": events / elapsed, "elapsed_s": elapsed,
+            "p50_ms": percentile(latencies, 0.50) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000,
+            "peak_rss_mib": peak[0] / 1024, "worker_cpu_s": cpu,
+            "retries": sum(r[1] for r in results), "statuses": statuses,
+            "stored": stats["unique_processed"], "duplicates": stats["duplicate_dropped"]}
+
+
+def _get(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    body = conn.getresponse().read().decode()
+    conn.close()
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000, help="events sent per run")
+    parser.add_argument("--duplicate-rate", type=float, default=0.25,
+                        help="share of the events sent that are re-sends")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="server environment override (repeatable)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/ingest.json")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    unique = round(args.events * (1 - args.duplicate_rate))
+    events = make_events(unique, args.events / unique - 1)
+    bodies = make_bodies(events, args.batch_size)
+    print(f"{len(events)} events ({unique} unique) in {len(bodies)} batches of "
+          f"{args.batch_size}; {args.clients} client processes; server env {env or 'defaults'}")
+    runs = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            base = ceiling(bodies, Path(tmp) / "ceiling.db")
+            e2e = end_to_end(bodies, len(events), Path(tmp) / "e2e.db", args.clients, env)
+        assert e2e["stored"] == unique and e2e["duplicates"] == len(events) - unique, e2e
+        e2e["ceiling_events_per_s"] = base
+        e2e["ratio"] = e2e["events_per_s"] / base
+        runs.append(e2e)
+        print(f"run {run + 1}: end-to-end {e2e['events_per_s']:>9,.0f} ev/s | ceiling "
+              f"{base:>9,.0f} ev/s | ratio {e2e['ratio']:.2f} | p50 {e2e['p50_ms']:.1f} ms "
+              f"p99 {e2e['p99_ms']:.1f} ms | peak RSS {e2e['peak_rss_mib']:.0f} MiB | "
+              f"worker CPU s {e2e['worker_cpu_s']} | retries {e2e['retries']}")
+    summary = {key: median([r[key] for r in runs]) for key in
+               ("events_per_s", "ceiling_events_per_s", "ratio", "p50_ms", "p99_ms",
+                "peak_rss_mib")}
+    print(f"median of {len(runs)}: end-to-end {summary['events_per_s']:,.0f} ev/s, ceiling "
+          f"{summary['ceiling_events_per_s']:,.0f} ev/s, ratio {summary['ratio']:.2f}, "
+          f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
+          f"peak RSS {summary['peak_rss_mib']:.0f} MiB")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                     "runs": runs, "median": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
