@@ -1,0 +1,38 @@
+# Everything runs from a virtualenv built here from requirements*.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DATABASE_URL ?= sqlite:///data/dedup.db
+
+.PHONY: venv run publish test lint bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## run: the aggregator on http://127.0.0.1:8080 (Ctrl-C stops it gracefully)
+run: venv
+	$(BIN)/gunicorn --config app/gunicorn.conf.py "app:create_app()" --bind 127.0.0.1:8080
+
+## publish: send 5,000 events with 20% duplicates to the running aggregator
+publish: venv
+	$(BIN)/python -m publisher --url http://127.0.0.1:8080 --events 5000 --duplicate-rate 0.2
+
+## test: every test (unit, real gunicorn, real browser, real docker compose)
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+## bench: end-to-end ingest vs the in-process ceiling, medians of 3 runs
+bench: venv
+	$(BIN)/python -m bench.ingest --runs 3
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench/results
