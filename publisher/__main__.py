@@ -1,0 +1,7 @@
+"""Entry point: python -m publisher."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,291 @@
+"""python -m publisher: simulate or replay traffic to an aggregator, then summarise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from .client import BatchResult, Publisher, PublishError
+from .events import Batch, EventFactory, FileReport, file_batches, generated_batches, send_order
+
+FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
+                  404: "no /publish here: check --url"}
+SHOWN_REJECTS = 5
+LOG_EVERY_SECONDS = 5.0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10:
+        raise ValueError
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _topics(text: str) -> list[str]:
+    topics = [t.strip() for t in text.split(",") if t.strip()]
+    if not topics:
+        raise ValueError
+    return topics
+
+
+# argparse names the type in its message: "invalid positive integer value: '0'".
+_positive.__name__ = "positive integer"
+_non_negative.__name__ = "non-negative integer"
+_rate.__name__ = "rate (0 to 10)"
+_seconds.__name__ = "seconds"
+_topics.__name__ = "topic list"
+
+# option -> (environment variable, default, type, help)
+OPTIONS = {
+    "--url": ("PUBLISHER_URL", "http://127.0.0.1:8080", str, "aggregator base URL"),
+    "--events": ("PUBLISHER_EVENTS", "5000", _non_negative, "unique events to generate"),
+    "--duplicate-rate": ("PUBLISHER_DUPLICATE_RATE", "0.2", _rate,
+                         "re-sends per unique event (0.2 sends 1.2 x events in all)"),
+    "--batch-size": ("PUBLISHER_BATCH_SIZE", "500", _positive, "events per request"),
+    "--concurrency": ("PUBLISHER_CONCURRENCY", "4", _positive, "parallel senders"),
+    "--topics": ("PUBLISHER_TOPICS", "orders,payments,auth,shipping", _topics,
+                 "topics of generated events"),
+    "--seed": ("PUBLISHER_SEED", None, _non_negative,
+               "seed for ids and order (default: random, printed)"),
+    "--token": ("PUBLISHER_TOKEN", None, str, "bearer token for /publish"),
+    "--wait": ("PUBLISHER_WAIT", "30", _seconds, "seconds to wait for /health first"),
+    "--retries": ("PUBLISHER_RETRIES", "8", _non_negative,
+                  "retries per batch on connection errors, 429 and 5xx"),
+    "--file": ("PUBLISHER_FILE", None, str, "replay events from an NDJSON file (- for stdin)"),
+    "--rejects": ("PUBLISHER_REJECTS", None, str,
+                  "with --file, write refused lines here as NDJSON"),
+}
+
+
+def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Parse options; each defaults to its PUBLISHER_* environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m publisher",
+        description="Send events to the log aggregator and print a summary. Exit status: "
+                    "0 every event acknowledged, 1 failure, 2 bad arguments.")
+    for option, (variable, default, kind, text) in OPTIONS.items():
+        parser.add_argument(option, default=environ.get(variable, default), type=kind,
+                            help=f"{text} [env {variable}; default {default}]")
+    parser.add_argument("--json", action="store_true",
+                        default=environ.get("PUBLISHER_JSON", "") not in ("", "0", "false"),
+                        help="print the summary as JSON [env PUBLISHER_JSON]")
+    args = parser.parse_args(argv)
+    if args.rejects and not args.file:
+        parser.error("--rejects goes with --file")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+    return args
+
+
+@dataclass
+class Summary:
+    """Totals summed from the aggregator's answers."""
+
+    url: str
+    sent: int = 0
+    acknowledged: int = 0
+    unique: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    failed: int = 0
+    batches: int = 0
+    elapsed_s: float = 0.0
+    events_per_s: float = 0.0
+    seed: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Return whether every event was acknowledged (stored or duplicate)."""
+        return self.rejected == 0 and self.failed == 0
+
+
+class Sender:
+    """Send batches with bounded concurrency and tally the answers."""
+
+    def __init__(self, publisher: Publisher, summary: Summary, progress, rejects):
+        self.publisher = publisher
+        self.summary = summary
+        self.progress = progress
+        self.rejects = rejects
+        self.fatal: str | None = None
+
+    def run(self, batches: Iterator[Batch], concurrency: int) -> None:
+        """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes."""
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool:
+            pending: set[Future] = set()
+            for batch in batches:
+                if self.fatal:
+                    break
+                if len(pending) >= 2 * concurrency:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self._tally(*future.result())
+                pending.add(pool.submit(self._send, batch))
+            for future in wait(pending).done:
+                self._tally(*future.result())
+
+    def _send(self, batch: Batch) -> tuple[Batch, BatchResult | None, str]:
+        if self.fatal:
+            return batch, None, "not sent after a fatal error"
+        try:
+            return batch, self.publisher.publish(batch.body, batch.content_type), ""
+        except PublishError as exc:
+            self.fatal = str(exc)
+            return batch, None, str(exc)
+
+    def _tally(self, batch: Batch, result: BatchResult | None, problem: str) -> None:
+        s = self.summary
+        s.sent += batch.size if result else 0
+        s.batches += 1
+        if result is None or not result.acknowledged:
+            s.failed += batch.size
+            if result is not None:
+                problem = f"HTTP {result.status}: {result.message}"
+                if result.status in FATAL_STATUSES:
+                    self.fatal = f"HTTP {result.status} {FATAL_STATUSES[result.status]}"
+            if len(s.problems) < SHOWN_REJECTS:
+                s.problems.append(f"batch of {batch.size} not acknowledged: {problem}")
+        else:
+            s.acknowledged += result.received
+            s.unique += result.unique_processed
+            s.duplicates += result.duplicate_dropped
+            s.rejected += result.rejected
+            for index, reason in result.errors.items():
+                self._reject(batch, int(index), reason)
+        self.progress(batch.size)
+
+    def _reject(self, batch: Batch, index: int, reason: object) -> None:
+        where = f"line {batch.lines[index]}" if batch.lines else f"event {index} of a batch"
+        if len(self.summary.problems) < SHOWN_REJECTS:
+            self.summary.problems.append(f"rejected {where}: {json.dumps(reason)}")
+        if self.rejects is not None and batch.raw:
+            self.rejects.write(json.dumps({"line": batch.lines[index], "errors": reason,
+                                           "event": batch.raw[index].decode("utf-8", "replace")})
+                               + "\n")
+
+
+def _progress(total: int | None, stack: ExitStack):
+    """Return a callback advancing a tqdm bar on a terminal, or logging now and then."""
+    if sys.stderr.isatty():
+        bar = stack.enter_context(tqdm(total=total, unit="ev", unit_scale=True,
+                                       file=sys.stderr, desc="publishing"))
+        return bar.update
+    state = {"done": 0, "start": time.monotonic(), "last": time.monotonic()}
+
+    def log(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["last"] >= LOG_EVERY_SECONDS:
+            state["last"] = now
+            rate = state["done"] / max(now - state["start"], 1e-9)
+            of = f"/{total}" if total else ""
+            print(f"publisher: {state['done']}{of} events handled ({rate:,.0f}/s)",
+                  file=sys.stderr, flush=True)
+    return log
+
+
+def publish(args: argparse.Namespace) -> Summary:
+    """Wait for the aggregator, send everything, and return the summary."""
+    publisher = Publisher(args.url, token=args.token, retries=args.retries,
+                          pool_size=args.concurrency)
+    summary = Summary(url=args.url, seed=None if args.file else args.seed)
+    with ExitStack() as stack:
+        stack.callback(publisher.close)
+        publisher.wait_ready(args.wait)
+        report = FileReport()
+        if args.file:
+            stream = (sys.stdin.buffer if args.file == "-"
+                      else stack.enter_context(open(args.file, "rb")))
+            batches, total = file_batches(stream, args.batch_size, report), None
+        else:
+            order = send_order(args.events, args.duplicate_rate, args.seed)
+            factory = EventFactory(args.seed, args.topics)
+            batches, total = generated_batches(factory, order, args.batch_size), len(order)
+        rejects = (stack.enter_context(open(args.rejects, "w", encoding="utf-8"))
+                   if args.rejects else None)
+        sender = Sender(publisher, summary, _progress(total, stack), rejects)
+        start = time.monotonic()
+        sender.run(batches, args.concurrency)
+        summary.elapsed_s = round(time.monotonic() - start, 3)
+        summary.rejected += report.count
+        for number, line, reason in report.bad_lines:
+            if len(summary.problems) < SHOWN_REJECTS:
+                summary.problems.append(f"rejected line {number}: {reason}")
+            if rejects is not None:
+                rejects.write(json.dumps({"line": number, "errors": reason,
+                                          "event": line.decode("utf-8", "replace")}) + "\n")
+    summary.events_per_s = round(summary.sent / summary.elapsed_s, 1) if summary.elapsed_s else 0
+    if sender.fatal:
+        raise PublishError(f"{sender.fatal} (acknowledged {summary.acknowledged} events first)")
+    return summary
+
+
+def _print(summary: Summary, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(asdict(summary) | {"ok": summary.ok}))
+        return
+    print(f"publisher: {summary.url}  seed {summary.seed}" if summary.seed is not None
+          else f"publisher: {summary.url}")
+    for label, value in (("sent", summary.sent), ("acknowledged", summary.acknowledged),
+                         ("unique", summary.unique), ("duplicates", summary.duplicates),
+                         ("rejected", summary.rejected), ("failed", summary.failed)):
+        print(f"  {label:<13}{value:>10}")
+    print(f"  {'elapsed':<13}{summary.elapsed_s:>10.2f} s")
+    print(f"  {'rate':<13}{summary.events_per_s:>10,.0f} events/s")
+    for problem in summary.problems:
+        print(f"  ! {problem}")
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the publisher; return 0 when every event was acknowledged, else 1."""
+    args = parse_args(argv, os.environ if environ is None else environ)
+    try:
+        summary = publish(args)
+    except PublishError as exc:
+        print(f"publisher: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"publisher: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("publisher: interrupted", file=sys.stderr)
+        return 130
+    _print(summary, args.json)
+    if not summary.ok:
+        print(f"publisher: error: {summary.rejected + summary.failed} events were not "
+              "acknowledged", file=sys.stderr)
+        return 1
+    return 0

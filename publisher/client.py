@@ -1,0 +1,110 @@
+"""A client for the aggregator: one session, timeouts on every call, urllib3 retries."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+class PublishError(Exception):
+    """A batch could not be delivered; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The aggregator's answer to one batch."""
+
+    status: int
+    received: int = 0
+    unique_processed: int = 0
+    duplicate_dropped: int = 0
+    rejected: int = 0
+    errors: dict[str, dict] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        """Return whether the aggregator committed every valid event (200, 207 or 422)."""
+        return self.status in (200, 207, 422)
+
+
+class Publisher:
+    """Send batches to an aggregator, retrying what is safe to retry."""
+
+    def __init__(self, url: str, *, token: str | None = None, retries: int = 8,
+                 backoff: float = 0.5, timeout: tuple[float, float] = (5.0, 60.0),
+                 pool_size: int = 10):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        # Every POST is safe to repeat: the aggregator deduplicates on (topic, event_id).
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                      backoff_factor=backoff, backoff_max=30, backoff_jitter=backoff,
+                      status_forcelist=RETRY_STATUSES, allowed_methods=None,
+                      respect_retry_after_header=True, raise_on_status=False)
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def wait_ready(self, seconds: float) -> None:
+        """Wait until /health answers 200, or raise PublishError after the given seconds."""
+        deadline = time.monotonic() + seconds
+        last = "no answer"
+        while True:
+            try:
+                response = requests.get(self.url + "/health", timeout=(2, 5))
+                if response.status_code == 200:
+                    return
+                last = f"/health answered {response.status_code}"
+            except requests.RequestException as exc:
+                last = _reason(exc)
+            if time.monotonic() >= deadline:
+                raise PublishError(f"{self.url} was not ready within {seconds:g}s ({last})")
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def publish(self, body: bytes, content_type: str = "application/json") -> BatchResult:
+        """POST one batch body; return the answer, or raise PublishError if unreachable."""
+        try:
+            response = self.session.post(self.url + "/publish", data=body, timeout=self.timeout,
+                                         headers={"Content-Type": content_type})
+        except requests.RequestException as exc:
+            raise PublishError(f"cannot deliver to {self.url}: {_reason(exc)}") from None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
+        counts = {key: answer.get(key, 0) for key in
+                  ("received", "unique_processed", "duplicate_dropped", "rejected")}
+        return BatchResult(response.status_code, **counts, errors=answer.get("errors") or {},
+                           message=answer.get("message") or response.reason or "")
+
+    def stats(self) -> dict:
+        """Return the aggregator's /stats."""
+        response = self.session.get(self.url + "/stats", timeout=self.timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def close(self) -> None:
+        """Close the session's connections."""
+        self.session.close()
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """Return the innermost cause of a requests error, in a few words."""
+    cause: BaseException = exc
+    while cause.__context__ is not None and cause.__context__ is not cause:
+        cause = cause.__context__
+    text = str(cause) or type(cause).__name__
+    if "Connection refused" in text:
+        return "connection refused"
+    return text.split(": ", 1)[-1][:200]

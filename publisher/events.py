@@ -1,0 +1,112 @@
+"""Where batches come from: generated events with re-sends, or an NDJSON file."""
+
+from __future__ import annotations
+
+import json
+import random
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import IO
+
+LEVELS = ("debug", "info", "info", "info", "warning", "error")
+SERVICES = ("api-gateway", "checkout", "billing", "auth", "search", "inventory")
+PATHS = ("/v1/orders", "/v1/cart", "/v1/login", "/v1/search", "/v1/items/{id}", "/healthz")
+
+
+@dataclass
+class Batch:
+    """One request body and where its events came from (for reporting rejects)."""
+
+    body: bytes
+    content_type: str
+    size: int
+    lines: list[int] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)
+
+
+class EventFactory:
+    """Make event number i the same way every time for a given seed."""
+
+    def __init__(self, seed: int, topics: list[str], start: datetime | None = None):
+        self.seed = seed
+        self.topics = topics
+        self.start = start or datetime.now(UTC).replace(microsecond=0)
+
+    def event(self, i: int) -> dict:
+        """Return event i: its id, topic, time and payload depend only on (seed, i)."""
+        rng = random.Random(self.seed * 1_000_003 + i)
+        level = rng.choice(LEVELS)
+        moment = self.start + timedelta(milliseconds=i * 7 + rng.randrange(5))
+        payload = {
+            "level": level,
+            "message": f"{rng.choice(('GET', 'POST', 'PUT'))} {rng.choice(PATHS)} "
+                       f"-> {200 if level != 'error' else 500}",
+            "duration_ms": round(rng.lognormvariate(3, 1), 3),
+            "user_id": rng.randrange(1, 50_000),
+            "tags": rng.sample(("web", "mobile", "beta", "eu", "us", "retry"), rng.randrange(3)),
+            "http": {"status": 200 if level != "error" else 500, "bytes": rng.randrange(10**6)},
+        }
+        if level == "error":
+            payload["error"] = {"type": "TimeoutError", "retryable": rng.random() < 0.5}
+        return {
+            "topic": self.topics[rng.randrange(len(self.topics))],
+            "event_id": f"{self.seed:x}-{i:09d}-{rng.getrandbits(32):08x}",
+            "timestamp": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "source": rng.choice(SERVICES),
+            "payload": payload,
+        }
+
+
+def send_order(events: int, duplicate_rate: float, seed: int) -> array:
+    """Return event numbers to send: each once, plus round(events x rate) re-sends, shuffled.
+
+    Whichever copy of a number comes first is the original; every later copy is a
+    re-send of an event already sent. Four bytes per entry keep this small.
+    """
+    rng = random.Random(seed)
+    resends = round(events * duplicate_rate)
+    order = list(range(events))
+    if events:
+        order += rng.choices(range(events), k=resends)
+    rng.shuffle(order)
+    return array("I", order)
+
+
+def generated_batches(factory: EventFactory, order: array, batch_size: int) -> Iterator[Batch]:
+    """Yield JSON array bodies of batch_size generated events, in send order."""
+    for start in range(0, len(order), batch_size):
+        events = [factory.event(i) for i in order[start:start + batch_size]]
+        yield Batch(json.dumps(events).encode(), "application/json", len(events))
+
+
+@dataclass
+class FileReport:
+    """Lines of the file that were never sent because they are not JSON objects."""
+
+    bad_lines: list[tuple[int, bytes, str]] = field(default_factory=list)
+    count: int = 0
+
+
+def file_batches(stream: IO[bytes], batch_size: int, report: FileReport) -> Iterator[Batch]:
+    """Yield NDJSON bodies of batch_size lines of the file, reading it as it goes."""
+    lines, raw = [], []
+    for number, line in enumerate(stream, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            report.bad_lines.append((number, line, f"not a JSON event object ({exc})"))
+            report.count += 1
+            continue
+        lines.append(number)
+        raw.append(line)
+        if len(raw) == batch_size:
+            yield Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
+            lines, raw = [], []
+    if raw:
+        yield Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)

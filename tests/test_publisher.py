@@ -1,0 +1,204 @@
+"""The publisher CLI against a real gunicorn aggregator (and a flaky proxy in front of it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+from tests.helpers import ROOT, GunicornServer, event, free_port, table_keys
+
+
+def run_publisher(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "publisher", *args], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db_path):
+    server = gunicorn()
+    result = run_publisher("--url", server.url, "--events", "5000", "--duplicate-rate", "0.2",
+                           "--batch-size", "250", "--concurrency", "4", "--seed", "11",
+                           "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["sent"], summary["acknowledged"], summary["unique"],
+            summary["duplicates"]) == (6000, 6000, 5000, 1000)
+    stats = requests.get(server.url + "/stats", timeout=5).json()
+    assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
+        6000, 5000, 1000)
+    assert len(table_keys(db_path)) == 5000
+
+
+def test_same_seed_again_is_all_duplicates(gunicorn):
+    server = gunicorn()
+    args = ("--url", server.url, "--events", "1000", "--duplicate-rate", "0.5", "--seed", "5",
+            "--json")
+    assert run_publisher(*args).returncode == 0
+    again = json.loads(run_publisher(*args).stdout)
+    assert (again["unique"], again["duplicates"]) == (0, 1500)
+
+
+def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db_path):
+    server = GunicornServer(db_path, tmp_path / "late.log")
+    publisher = subprocess.Popen(
+        [sys.executable, "-m", "publisher", "--url", server.url, "--events", "300",
+         "--duplicate-rate", "0.1", "--wait", "60", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert publisher.poll() is None
+        server.start()
+        out, err = publisher.communicate(timeout=60)
+    finally:
+        publisher.kill()
+        server.kill()
+    assert publisher.returncode == 0, err
+    assert json.loads(out)["unique"] == 300
+
+
+def test_nothing_listening_exits_1_with_one_line_within_the_wait(tmp_path):
+    start = time.monotonic()
+    result = run_publisher("--url", f"http://127.0.0.1:{free_port()}", "--wait", "2",
+                           timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "not ready within 2s" in result.stderr
+    assert elapsed < 15
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert run_publisher("--events", "-3").returncode == 2
+    assert run_publisher("--batch-size", "0").returncode == 2
+    bad_env = run_publisher(PUBLISHER_CONCURRENCY="many")
+    assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
+
+
+def test_every_option_can_come_from_the_environment(gunicorn):
+    server = gunicorn()
+    result = run_publisher(PUBLISHER_URL=server.url, PUBLISHER_EVENTS="400",
+                           PUBLISHER_DUPLICATE_RATE="0.25", PUBLISHER_BATCH_SIZE="100",
+                           PUBLISHER_CONCURRENCY="2", PUBLISHER_TOPICS="x,y",
+                           PUBLISHER_SEED="9", PUBLISHER_WAIT="5", PUBLISHER_JSON="1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["sent"], summary["batches"], summary["seed"]) == (500, 5, 9)
+    assert set(requests.get(server.url + "/stats", timeout=5).json()["topics"]) <= {"x", "y"}
+
+
+def test_file_replay_reports_rejects_and_exits_1(gunicorn, tmp_path, db_path):
+    server = gunicorn()
+    source = tmp_path / "events.ndjson"
+    lines = [json.dumps(event(f"f{i}")) for i in range(10)]
+    lines[3] = json.dumps(event("f3", timestamp="2025-10-18T03:00:00"))
+    lines[7] = "{not json"
+    source.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.ndjson"
+    result = run_publisher("--url", server.url, "--file", str(source), "--batch-size", "4",
+                           "--rejects", str(rejects), "--json")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["rejected"]) == (8, 2)
+    refused = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert sorted(r["line"] for r in refused) == [4, 8]
+    assert any("timestamp" in r["errors"] for r in refused if r["line"] == 4)
+    assert len(table_keys(db_path)) == 8
+
+
+def test_file_replay_of_50000_lines_stays_under_100_mb(gunicorn, tmp_path):
+    server = gunicorn()
+    source = tmp_path / "big.ndjson"
+    with source.open("w") as out:
+        for i in range(50_000):
+            out.write(json.dumps(event(f"big-{i}", payload={"i": i, "text": "x" * 200})) + "\n")
+    script = ("import resource, runpy, sys; sys.argv = ['publisher'] + sys.argv[1:];\n"
+              "try:\n    runpy.run_module('publisher', run_name='__main__')\n"
+              "finally:\n    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+              " file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", script, "--url", server.url, "--file",
+                             str(source), "--json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unique"] == 50_000
+    peak_kib = int(result.stderr.split("MAXRSS")[1].split()[0])
+    assert peak_kib < 100 * 1024, f"publisher peak RSS {peak_kib} KiB"
+
+
+class FlakyProxy(BaseHTTPRequestHandler):
+    """Answer 503 + Retry-After to the first attempts, then forward to the aggregator."""
+
+    refusals = 0
+    target = ""
+    lock = threading.Lock()
+    seen = 0
+
+    def do_GET(self):
+        self._forward(b"")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with FlakyProxy.lock:
+            FlakyProxy.seen += 1
+            refuse = FlakyProxy.refusals > 0
+            FlakyProxy.refusals -= refuse
+        if refuse:
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
+        self._forward(body)
+
+    def _forward(self, body: bytes):
+        response = requests.request(self.command, self.target + self.path, data=body or None,
+                                    headers={"Content-Type": self.headers.get("Content-Type",
+                                                                              "")}, timeout=30)
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retries_on_503_with_retry_after_and_counts_stay_exact(gunicorn):
+    server = gunicorn()
+    FlakyProxy.target, FlakyProxy.refusals, FlakyProxy.seen = server.url, 4, 0
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxy)
+    thread = threading.Thread(target=proxy.serve_forever)
+    thread.start()
+    try:
+        start = time.monotonic()
+        result = run_publisher("--url", f"http://127.0.0.1:{proxy.server_port}", "--events",
+                               "1000", "--duplicate-rate", "0.3", "--batch-size", "100",
+                               "--concurrency", "2", "--json")
+        elapsed = time.monotonic() - start
+    finally:
+        proxy.shutdown()
+        thread.join()
+        proxy.server_close()
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["unique"], summary["duplicates"], summary["failed"]) == (1000, 300, 0)
+    assert FlakyProxy.seen == 13 + 4
+    assert elapsed >= 1.0
+    stats = requests.get(server.url + "/stats", timeout=5).json()
+    assert (stats["received"], stats["unique_processed"]) == (1300, 1000)
+
+
+def test_wrong_token_exits_1_with_one_line(gunicorn):
+    server = gunicorn(env={"AGGREGATOR_API_TOKEN": "right"})
+    wrong = run_publisher("--url", server.url, "--events", "50", "--token", "wrong")
+    assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
+    right = run_publisher("--url", server.url, "--events", "50", "--token", "right")
+    assert right.returncode == 0, right.stderr
