@@ -17,6 +17,9 @@ bind = _config.bind
 # --- Workers ---
 # gthread: request threads wait on the writer's commit, so threads are cheap
 # waiters; processes give CPU parallelism for JSON parsing and validation.
+# Defaults (2 workers x 8 threads, 1 writer each; app/config.py) come from a grid run
+# with bench/ingest.py on 2 cores: 3 or 4 workers and 2 writers per worker were no
+# faster (SQLite takes one writer at a time) and used more memory.
 worker_class = "gthread"
 workers = _config.web_concurrency
 threads = _config.threads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,6 +20,21 @@ from tests.helpers import ROOT, db_counters, event, table_keys
 
 def stats(url: str) -> dict:
     return requests.get(url + "/stats", timeout=10).json()
+
+
+def load(url: str, worker: int, size: int, stop: threading.Event, acknowledged: list) -> None:
+    """Publish fresh batches until stopped or the server goes; record what got a 200."""
+    with requests.Session() as session:
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            batch = [event(f"{worker}-{n}-{i}") for i in range(size)]
+            try:
+                response = session.post(url + "/publish", json=batch, timeout=10)
+            except requests.RequestException:
+                return
+            if response.status_code == 200:
+                acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
 
 
 def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db_path):
@@ -77,21 +93,8 @@ def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db_path):
 def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db_path):
     server = gunicorn()
     acknowledged, stop = [], threading.Event()
-
-    def load(worker: int) -> None:
-        with requests.Session() as session:
-            for n in range(10_000):
-                if stop.is_set():
-                    return
-                batch = [event(f"{worker}-{n}-{i}") for i in range(50)]
-                try:
-                    response = session.post(server.url + "/publish", json=batch, timeout=10)
-                except requests.ConnectionError:
-                    return
-                if response.status_code == 200:
-                    acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=load, args=(server.url, w, 50, stop, acknowledged))
+               for w in range(4)]
     for thread in threads:
         thread.start()
     time.sleep(1.5)
@@ -109,21 +112,8 @@ def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db_path):
 def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db_path):
     server = gunicorn(workers=2, writers=2)
     acknowledged, stop = [], threading.Event()
-
-    def load(worker: int) -> None:
-        with requests.Session() as session:
-            for n in range(10_000):
-                if stop.is_set():
-                    return
-                batch = [event(f"{worker}-{n}-{i}") for i in range(100)]
-                try:
-                    response = session.post(server.url + "/publish", json=batch, timeout=10)
-                except requests.ConnectionError:
-                    return
-                if response.status_code == 200:
-                    acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
-
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(8)]
+    threads = [threading.Thread(target=load, args=(server.url, w, 100, stop, acknowledged))
+               for w in range(8)]
     for thread in threads:
         thread.start()
     time.sleep(2.0)
@@ -156,3 +146,69 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
+
+
+def hold_write_lock(db_path):
+    """Take SQLite's write lock from outside the server, so its writers stall."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def post_in_threads(url: str, batches: list[list[dict]]) -> list[requests.Response]:
+    responses: list = [None] * len(batches)
+
+    def post(i: int) -> None:
+        responses[i] = requests.post(url + "/publish", json=batches[i], timeout=60)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    return threads, responses
+
+
+def test_full_queue_answers_429_with_retry_after_and_stores_nothing_of_it(gunicorn, db_path):
+    server = gunicorn(workers=1, env={"AGGREGATOR_QUEUE_SIZE": "1"})
+    lock = hold_write_lock(db_path)
+    threads, responses = post_in_threads(server.url, [[event(f"q{i}")] for i in range(6)])
+    time.sleep(1.0)
+    lock.execute("ROLLBACK")
+    lock.close()
+    for thread in threads:
+        thread.join()
+    refused = [i for i, r in enumerate(responses) if r.status_code == 429]
+    accepted = [i for i, r in enumerate(responses) if r.status_code == 200]
+    assert refused and accepted and len(refused) + len(accepted) == 6
+    assert all(responses[i].headers["Retry-After"] == "1" for i in refused)
+    assert all(responses[i].json()["error"] == "queue_full" for i in refused)
+    assert sorted(table_keys(db_path)) == sorted(("orders", f"q{i}") for i in accepted)
+    assert stats(server.url)["received"] == len(accepted)
+
+
+def test_commit_that_takes_too_long_is_503_and_a_retry_is_safe(gunicorn, db_path):
+    server = gunicorn(workers=1, env={"AGGREGATOR_COMMIT_TIMEOUT": "1"})
+    lock = hold_write_lock(db_path)
+    slow = requests.post(server.url + "/publish", json=[event("slow")], timeout=30)
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert slow.status_code == 503 and slow.json()["error"] == "commit_timeout"
+    assert slow.headers["Retry-After"]
+    retry = requests.post(server.url + "/publish", json=[event("slow")], timeout=30).json()
+    assert retry["received"] == 1
+    assert table_keys(db_path) == [("orders", "slow")]
+    now = stats(server.url)
+    assert now["unique_processed"] == 1
+    assert now["received"] == now["unique_processed"] + now["duplicate_dropped"]
+
+
+def test_database_is_wal_with_the_dedup_key(gunicorn, db_path):
+    gunicorn(workers=1)
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.execute("INSERT INTO events (topic, event_id, ts, timestamp, source, payload,"
+                     " received_at) VALUES ('t', 'e', 0, 'x', 's', '{}', 'r')")
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO events (topic, event_id, ts, timestamp, source, payload,"
+                         " received_at) VALUES ('t', 'e', 1, 'y', 's', '{}', 'r')")
+        conn.rollback()
