@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from . import errors, views
+from . import errors, pages, views
 from .config import Config, from_env, with_overrides
 from .ingest import Ingestor
 from .schemas import make_event_schema
@@ -35,6 +35,7 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
     app.extensions["event_schema"] = make_event_schema(config.max_payload)
     app.extensions["started_at"] = time.time()
     errors.init_app(app)
+    pages.init_app(app)
     app.register_blueprint(views.bp)
     return app
 

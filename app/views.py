@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 from marshmallow import ValidationError
 
+from . import pages
 from .body import read_events
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
 from .schemas import EventsQuerySchema, build_batch, encode_cursor
-from .store import EventQuery, Store, StoreError
+from .store import EventQuery, Store, StoredEvent, StoreError
 
 bp = Blueprint("api", __name__)
 _events_query = EventsQuerySchema()
@@ -67,27 +68,45 @@ def index() -> Response:
 
 @bp.get("/events")
 def events() -> Response:
-    """Return a page of stored events, filtered, in ingestion order."""
+    """Return a page of stored events: JSON, or the HTML page for a browser."""
+    if pages.prefers_html():
+        return _events_page()
     try:
         args = _events_query.load(request.args)
     except ValidationError as exc:
         names = ", ".join(sorted(exc.messages))
         raise APIError(400, "bad_query", f"Invalid query parameter(s): {names}.",
                        errors=exc.messages) from None
-    limit = args["limit"]
-    query = EventQuery(topic=args.get("topic"), source=args.get("source"),
-                       since=args.get("since"), until=args.get("until"),
-                       after=args.get("after"), limit=limit + 1,
-                       descending=args["order"] == "desc")
-    rows = _store().events(query)
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].seq) if len(rows) > limit else None
+    page, next_cursor = _fetch_page(args)
     return jsonify({
         "events": [{"topic": e.topic, "event_id": e.event_id, "timestamp": e.timestamp,
                     "source": e.source, "payload": json.loads(e.payload),
                     "received_at": e.received_at} for e in page],
         "next_cursor": next_cursor,
     })
+
+
+def _events_page() -> Response:
+    params = pages.page_params(request.args)
+    counters = _store().counters()
+    try:
+        args = _events_query.load({**params, "order": "desc"})
+    except ValidationError as exc:
+        return pages.render_events_page(counters, params, errors=exc.messages)
+    page, next_cursor = _fetch_page(args)
+    return pages.render_events_page(counters, params, events=page, next_cursor=next_cursor,
+                                    limit=args["limit"])
+
+
+def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
+    """Return one page of events for loaded query arguments, and the next page's cursor."""
+    limit = args["limit"]
+    rows = _store().events(EventQuery(
+        topic=args.get("topic"), source=args.get("source"), since=args.get("since"),
+        until=args.get("until"), after=args.get("after"), limit=limit + 1,
+        descending=args["order"] == "desc"))
+    page = rows[:limit]
+    return page, encode_cursor(page[-1].seq) if len(rows) > limit else None
 
 
 @bp.get("/stats")

@@ -1,0 +1,71 @@
+"""The HTML events page: rendering, and the headers every HTML response carries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from flask import Flask, Response, render_template, request, url_for
+
+from .store import Counters, StoredEvent
+
+REFRESH_SECONDS = 5
+PAGE_PARAMS = ("topic", "source", "since", "until", "limit", "after", "live")
+_LONG_PAYLOAD_CHARS = 300
+_LONG_PAYLOAD_LINES = 12
+CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
+       "object-src 'none'")
+
+
+def prefers_html() -> bool:
+    """Return whether the client (a browser) ranks text/html above JSON."""
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "text/html"
+
+
+def page_params(args: Mapping[str, str]) -> dict[str, str]:
+    """Return the page's non-empty query parameters (a submitted form sends empty ones)."""
+    return {k: v for k, v in args.items() if k in PAGE_PARAMS and v.strip()}
+
+
+def _row(event: StoredEvent) -> dict:
+    payload = json.loads(event.payload)
+    pretty = json.dumps(payload, indent=2, ensure_ascii=False)
+    long = len(pretty) > _LONG_PAYLOAD_CHARS or pretty.count("\n") > _LONG_PAYLOAD_LINES
+    compact = json.dumps(payload, ensure_ascii=False)
+    return {"timestamp": event.timestamp, "topic": event.topic, "event_id": event.event_id,
+            "source": event.source, "received_at": event.received_at, "pretty": pretty,
+            "long": long, "summary": compact[:80] + ("…" if len(compact) > 80 else "")}
+
+
+def render_events_page(counters: Counters, params: dict[str, str], *,
+                       events: list[StoredEvent] = (), next_cursor: str | None = None,
+                       limit: int = 100, errors: Mapping[str, list] | None = None) -> Response:
+    """Render the events page (a 400 page when errors name bad filters)."""
+    live = params.get("live") == "1"
+
+    def page_url(**changes: str | None) -> str:
+        merged = {**params, **changes}
+        return url_for("api.events", **{k: v for k, v in merged.items() if v is not None})
+
+    filters = {**params, "limit": limit}
+    html = render_template(
+        "events.html", stats=counters, events=[_row(e) for e in events],
+        next_cursor=next_cursor, filters=filters, live=live, refresh_seconds=REFRESH_SECONDS,
+        page_url=page_url,
+        error=("Some filter values are not valid." if errors else None),
+        error_fields=errors or {})
+    return Response(html, status=400 if errors else 200, mimetype="text/html")
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.mimetype == "text/html":
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Add the security headers to every response."""
+    app.after_request(_security_headers)

@@ -1,0 +1,169 @@
+"""The events page: negotiation and escaping (Flask), then a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.helpers import ROOT, event
+
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+SCREENSHOTS = ROOT / "tests" / "artifacts"
+HOSTILE = '"><script>window.pwned=1</script><img src=x onerror="window.pwned=2">\''
+
+
+def test_browser_gets_html_and_api_client_gets_json(client):
+    client.post("/publish", json=[event("a")])
+    page = client.get("/events", headers=HTML)
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<table" in page.get_data(as_text=True)
+    for accept in ("application/json", "*/*", None):
+        api = client.get("/events", headers={"Accept": accept} if accept else {})
+        assert api.is_json and api.json["events"][0]["event_id"] == "a"
+
+
+def test_root_leads_to_the_page(client):
+    response = client.get("/", headers=HTML)
+    assert response.status_code in (301, 302, 303, 307, 308)
+    assert response.headers["Location"].endswith("/events")
+
+
+def test_page_shows_counters_topics_and_newest_first(client):
+    client.post("/publish", json=[event("old", topic="x"), event("new", topic="y"),
+                                  event("old", topic="x"), event("bad", topic="")])
+    html = client.get("/events", headers=HTML).get_data(as_text=True)
+    assert html.index(">new<") < html.index(">old<")
+    for label, value in (("Received", 3), ("Unique", 2), ("Duplicates dropped", 1),
+                         ("Rejected", 1)):
+        assert f"<dt>{label}</dt><dd>{value}</dd>" in html
+    assert 'href="/events?topic=x"' in html and 'href="/events?topic=y"' in html
+
+
+def test_page_filters_by_the_form_parameters(client):
+    client.post("/publish", json=[event("a1", topic="a", source="s1"),
+                                  event("a2", topic="a", source="s2"),
+                                  event("b1", topic="b", source="s1")])
+    html = client.get("/events?topic=a&source=s1&since=&until=&limit=25",
+                      headers=HTML).get_data(as_text=True)
+    assert ">a1<" in html and ">a2<" not in html and ">b1<" not in html
+    assert '<option value="a" selected>' in html
+
+
+def test_bad_filter_is_an_html_400_for_a_browser_and_json_for_an_api(client):
+    page = client.get("/events?since=yesterday&limit=9999", headers=HTML)
+    assert page.status_code == 400 and page.mimetype == "text/html"
+    text = page.get_data(as_text=True)
+    assert "Bad filter" in text and "since" in text and "limit" in text
+    api = client.get("/events?since=yesterday")
+    assert api.status_code == 400 and api.json["error"] == "bad_query"
+
+
+def test_empty_store_says_no_events_yet(client):
+    assert "No events yet" in client.get("/events", headers=HTML).get_data(as_text=True)
+
+
+def test_every_field_is_escaped(client):
+    hostile = event(HOSTILE, topic=HOSTILE[:200], source=HOSTILE,
+                    payload={"html": HOSTILE, HOSTILE: [HOSTILE]})
+    assert client.post("/publish", json=hostile).status_code == 200
+    html = client.get("/events", headers=HTML).get_data(as_text=True)
+    assert "<script>" not in html and "<img" not in html
+    assert "onerror=\"window" not in html
+    assert "&lt;script&gt;" in html and "&#34;&gt;" in html
+    bad = client.get("/events", query_string={"source": HOSTILE, "since": HOSTILE},
+                     headers=HTML).get_data(as_text=True)
+    assert "<script>" not in bad and "<img" not in bad
+
+
+def test_long_payloads_are_collapsed(client):
+    client.post("/publish", json=[event("big", payload={"lines": list(range(100))}),
+                                  event("small", payload={"k": 1})])
+    html = client.get("/events", headers=HTML).get_data(as_text=True)
+    assert html.count("<details>") == 1
+
+
+# --- a real browser ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if shutil.which("chromium") is None:
+        pytest.fail("Debian's chromium is needed: apt-get install chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield chromium
+        chromium.close()
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_browser_sees_rows_filters_pages_and_never_runs_event_script(browser, gunicorn):
+    server = gunicorn()
+    batch = [event(f"evt-{i:03d}", topic=("alpha", "beta")[i % 2], payload={"i": i})
+             for i in range(60)]
+    batch.append(event("xss", topic="alpha", source=HOSTILE,
+                       payload={"note": "<script>window.pwned=1</script>", "q": HOSTILE}))
+    assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+
+    page = browser.new_page()
+    page.goto(server.url + "/events?limit=25")
+    rows = page.locator("tbody tr")
+    assert rows.count() == 25
+    assert rows.first.locator("td").nth(2).inner_text() == "xss"
+    assert "<script>window.pwned=1</script>" in rows.first.inner_text()
+    assert page.evaluate("typeof window.pwned") == "undefined"
+    screenshot(page, "events-page")
+
+    page.select_option("select[name=topic]", "beta")
+    page.click("button[type=submit]")
+    page.wait_for_url("**topic=beta**")
+    topics = page.locator("tbody tr td:nth-child(2)").all_inner_texts()
+    assert len(topics) == 25 and set(topics) == {"beta"}
+
+    seen = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
+    page.click("a[rel=next]")
+    page.wait_for_url("**after=**")
+    older = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
+    assert older and not set(older) & set(seen)
+    assert sorted(seen + older, reverse=True) == seen + older
+    assert set(seen + older) == {f"evt-{i:03d}" for i in range(1, 60, 2)}
+    page.click("a[rel=first]")
+    page.wait_for_url(lambda url: "after=" not in url)
+    assert page.evaluate("typeof window.pwned") == "undefined"
+
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(server.url + "/events?limit=5")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"page is {width}px wide at a 375px viewport"
+    screenshot(page, "events-page-375px")
+    page.close()
+
+
+def test_live_mode_refreshes_and_shows_new_events(browser, gunicorn):
+    server = gunicorn()
+    requests.post(server.url + "/publish", json=[event("first")], timeout=10)
+    page = browser.new_page()
+    page.goto(server.url + "/events")
+    assert page.locator("meta[http-equiv=refresh]").count() == 0
+    page.click("text=Watch live")
+    page.wait_for_url("**live=1**")
+    requests.post(server.url + "/publish", json=[event("second")], timeout=10)
+    page.wait_for_selector("td:text-is('second')", timeout=15_000)
+    assert json.loads(page.evaluate("JSON.stringify(window.pwned ?? null)")) is None
+    page.close()
