@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 
 from flask import Flask
 
-from . import errors, pages, views
+from . import errors, logs, pages, views
 from .config import Config, from_env, with_overrides
 from .ingest import Ingestor
+from .metrics import Metrics
+from .openapi import build_spec
 from .schemas import make_event_schema
 from .store import open_store
 
@@ -22,18 +23,22 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
     config: Config = from_env()
     if test_config:
         config = with_overrides(config, test_config)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logs.configure()
     app = Flask(__name__)
     app.config["AGGREGATOR"] = config
     app.json.sort_keys = False
     store = open_store(config)
+    metrics = Metrics(store, __version__, config.metrics_dir)
     app.extensions["store"] = store
+    app.extensions["metrics"] = metrics
     app.extensions["ingestor"] = Ingestor(store, queue_size=config.queue_size,
                                           writers=config.writers,
-                                          commit_timeout=config.commit_timeout)
+                                          commit_timeout=config.commit_timeout,
+                                          metrics=metrics)
     app.extensions["event_schema"] = make_event_schema(config.max_payload)
+    app.extensions["openapi"] = build_spec(__version__, config.max_payload)
     app.extensions["started_at"] = time.time()
+    logs.init_app(app)
     errors.init_app(app)
     pages.init_app(app)
     app.register_blueprint(views.bp)

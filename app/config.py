@@ -30,6 +30,7 @@ class Config:
     threads: int = 8
     bind: str = "0.0.0.0:8080"
     graceful_timeout: int = 30
+    metrics_dir: str | None = None
 
     @property
     def sqlite_path(self) -> str:
@@ -89,6 +90,8 @@ _VARIABLES = {
     "AGGREGATOR_THREADS": ("threads", _positive_int),
     "AGGREGATOR_BIND": ("bind", _bind),
     "AGGREGATOR_GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_int),
+    # prometheus-client's own variable: where workers share their samples.
+    "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", str),
 }
 
 

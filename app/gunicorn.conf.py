@@ -1,9 +1,18 @@
 """gunicorn settings for the aggregator; every value can be overridden by flags or
 GUNICORN_CMD_ARGS, and the app's own settings come from the environment (app/config.py)."""
 
+import os
+import shutil
 import sys
+import tempfile
 
-from app.config import ConfigError, from_env
+# Workers share metric samples through files in this directory. prometheus-client picks
+# its storage when first imported, so the variable is set before anything imports it.
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
+
+from app.config import ConfigError, from_env  # noqa: E402
 
 try:
     _config = from_env()
@@ -31,12 +40,33 @@ keepalive = 5
 control_socket_disable = True
 
 # --- Logging ---
-accesslog = "-"
+# JSON lines on stdout. The app writes the access lines itself (with request id and
+# event counts), so gunicorn's own access log stays off.
+accesslog = None
 errorlog = "-"
 loglevel = "info"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
+                            "stream": "ext://sys.stdout"}},
+    "root": {"level": "INFO", "handlers": ["stdout"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
+    },
+}
 
 
 # --- Hooks ---
+def on_starting(server):
+    """Start with no metric samples left by an earlier run in the same directory."""
+    from app.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
 def worker_exit(server, worker):
     """Commit what is queued and stop the writers before the worker process exits."""
     from app import shutdown
@@ -44,3 +74,16 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
         shutdown(app)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (queue depth) from the metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory if this server made it."""
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from .metrics import Metrics
 from .store import Batch, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -53,14 +56,23 @@ class _Item:
 class Ingestor:
     """Hand batches to writer threads and wait for their durable commit."""
 
-    def __init__(self, store: Store, *, queue_size: int, writers: int, commit_timeout: float):
+    def __init__(self, store: Store, *, queue_size: int, writers: int, commit_timeout: float,
+                 metrics: Metrics | None = None):
         self._store = store
+        self._metrics = metrics
+        self.last_error: StoreError | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._commit_timeout = commit_timeout
         self._stopping = threading.Event()
         self._submit_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="writer")
-        self._writers = [self._pool.submit(self._run) for _ in range(writers)]
+        # Daemon threads plus an atexit hook, not a ThreadPoolExecutor: the interpreter
+        # joins an executor's threads before atexit runs, so a process that never called
+        # close() (a script, the Flask dev server) would wait forever on the writer loop.
+        self._writers = [threading.Thread(target=self._run, name=f"writer-{n}", daemon=True)
+                         for n in range(writers)]
+        for thread in self._writers:
+            thread.start()
+        atexit.register(self.close)
 
     @property
     def depth(self) -> int:
@@ -68,9 +80,14 @@ class Ingestor:
         return self._queue.qsize()
 
     @property
+    def saturated(self) -> bool:
+        """Return whether the queue is full (the next batch would get a 429)."""
+        return self._queue.full()
+
+    @property
     def alive(self) -> bool:
         """Return whether every writer thread is still running."""
-        return not self._stopping.is_set() and not any(w.done() for w in self._writers)
+        return not self._stopping.is_set() and all(w.is_alive() for w in self._writers)
 
     def submit(self, batch: Batch) -> Outcome:
         """Queue the batch and block until it is committed; return its exact counts."""
@@ -85,6 +102,7 @@ class Ingestor:
                 self._queue.put_nowait(item)
             except queue.Full:
                 raise QueueFull from None
+            self._track_depth()
         try:
             unique = item.future.result(timeout=self._commit_timeout)
         except FutureTimeout:
@@ -95,7 +113,9 @@ class Ingestor:
         """Refuse new batches, commit every queued one, and stop the writers; safe twice."""
         with self._submit_lock:
             self._stopping.set()
-        self._pool.shutdown(wait=True)
+        for thread in self._writers:
+            thread.join()
+        atexit.unregister(self.close)
 
     def _run(self) -> None:
         writer = self._store.writer()
@@ -125,17 +145,31 @@ class Ingestor:
             events += len(item.batch.rows)
         return group
 
+    def _track_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._queue.qsize())
+
     def _commit(self, writer, group: list[_Item]) -> None:
+        self._track_depth()
+        started = time.perf_counter()
         try:
             stored = writer.write([item.batch for item in group])
-        except StoreError as exc:
-            log.error("group commit of %d batches failed: %s", len(group), exc)
-            for item in group:
-                item.future.set_exception(exc)
         except Exception as exc:
-            log.exception("group commit of %d batches failed", len(group))
+            error = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+            if isinstance(exc, StoreError):
+                log.error("group commit of %d batches failed: %s", len(group), exc)
+            else:
+                log.exception("group commit of %d batches failed", len(group))
+            self.last_error = error
+            self._observe(group, started, ok=False)
             for item in group:
-                item.future.set_exception(StoreError(f"commit failed: {exc}"))
+                item.future.set_exception(error)
         else:
+            self.last_error = None
+            self._observe(group, started, ok=True)
             for item, new in zip(group, stored, strict=True):
                 item.future.set_result(new)
+
+    def _observe(self, group: list[_Item], started: float, *, ok: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_commit(sum(len(i.batch.rows) for i in group), started, ok)

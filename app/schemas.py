@@ -113,10 +113,12 @@ class EventSchema(Schema):
         unknown = RAISE
 
     topic = Name(required=True)
-    event_id = Name(required=True)
-    timestamp = Timestamp(required=True)
+    event_id = Name(required=True, metadata={"description": "Unique within its topic."})
+    timestamp = Timestamp(required=True, metadata={
+        "description": "ISO 8601 with an offset; stored and returned in UTC."})
     source = Name(required=True)
-    payload = Payload(max_bytes=64 * 1024, load_default="{}")
+    payload = Payload(max_bytes=64 * 1024, load_default="{}", metadata={
+        "description": "Any JSON object, at most 64 KiB serialised (configurable)."})
 
 
 def make_event_schema(max_payload: int) -> EventSchema:
@@ -127,14 +129,63 @@ def make_event_schema(max_payload: int) -> EventSchema:
 
 
 class EventOutSchema(Schema):
-    """One stored event as the API returns it (documentation of the shape)."""
+    """One stored event as the API returns it."""
 
-    topic = fields.String()
-    event_id = fields.String()
-    timestamp = fields.String(metadata={"format": "date-time"})
-    source = fields.String()
-    payload = fields.Dict()
-    received_at = fields.String(metadata={"format": "date-time"})
+    topic = fields.String(required=True)
+    event_id = fields.String(required=True)
+    timestamp = fields.String(required=True, metadata={"format": "date-time"})
+    source = fields.String(required=True)
+    payload = fields.Dict(required=True)
+    received_at = fields.String(required=True, metadata={"format": "date-time"})
+
+
+class EventsPageSchema(Schema):
+    """A page of GET /events."""
+
+    events = fields.List(fields.Nested(EventOutSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class PublishResultSchema(Schema):
+    """The answer to POST /publish (200, 207 and 422)."""
+
+    received = fields.Integer(required=True, metadata={"description": "valid events"})
+    unique_processed = fields.Integer(required=True)
+    duplicate_dropped = fields.Integer(required=True)
+    rejected = fields.Integer(required=True)
+    errors = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
+        "description": "Per-event errors by index: {\"<index>\": {\"<field>\": [msg]}}"})
+    error = fields.String()
+    message = fields.String()
+
+
+class ErrorSchema(Schema):
+    """Every error body."""
+
+    error = fields.String(required=True, metadata={"description": "short code"})
+    message = fields.String(required=True)
+    errors = fields.Dict(metadata={"description": "details by field, when there are any"})
+    limit = fields.Integer(metadata={"description": "the limit that was exceeded (413)"})
+
+
+class StatsSchema(Schema):
+    """GET /stats."""
+
+    received = fields.Integer(required=True)
+    unique_processed = fields.Integer(required=True)
+    duplicate_dropped = fields.Integer(required=True)
+    rejected = fields.Integer(required=True)
+    topics = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    uptime = fields.Float(required=True, metadata={"description": "seconds"})
+    started_at = fields.String(required=True, metadata={"format": "date-time"})
+    queue_depth = fields.Integer(required=True, metadata={"description": "this worker's"})
+
+
+class HealthSchema(Schema):
+    """The health endpoints."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ok", "unavailable"]))
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
 
 
 def encode_cursor(seq: int) -> str:

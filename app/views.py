@@ -7,7 +7,17 @@ import json
 import time
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from marshmallow import ValidationError
 
 from . import pages
@@ -15,6 +25,7 @@ from .body import read_events
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
+from .metrics import CONTENT_TYPE
 from .schemas import EventsQuerySchema, build_batch, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
 
@@ -48,6 +59,7 @@ def publish() -> tuple[Response, int]:
     config = _config()
     _check_token(config.api_token)
     raw = read_events(request, max_body=config.max_body, max_batch=config.max_batch)
+    g.events = len(raw)
     batch, errors = build_batch(raw, current_app.extensions["event_schema"])
     outcome = _ingestor().submit(batch)
     body = {"received": outcome.received, "unique_processed": outcome.unique_processed,
@@ -128,13 +140,64 @@ def stats() -> Response:
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     """Answer 200 when the database answers and the writers are alive, else 503."""
+    return _health(ready=False)
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    """Answer 200 while the process serves requests (liveness)."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/health/ready")
+def ready() -> tuple[Response, int]:
+    """Answer 200 when a batch sent now would be committed (readiness), else 503."""
+    return _health(ready=True)
+
+
+def _health(*, ready: bool) -> tuple[Response, int]:
+    ingestor = _ingestor()
     checks = {"database": "ok", "writers": "ok"}
     try:
         _store().ping()
     except StoreError as exc:
         checks["database"] = str(exc)
-    if not _ingestor().alive:
+    if not ingestor.alive:
         checks["writers"] = "stopped"
+    if ready:
+        checks["last_commit"] = "ok" if ingestor.last_error is None else str(ingestor.last_error)
+        checks["queue"] = "full" if ingestor.saturated else "ok"
     healthy = all(v == "ok" for v in checks.values())
     return jsonify({"status": "ok" if healthy else "unavailable", "checks": checks}), (
         200 if healthy else 503)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Return every metric in the Prometheus text format."""
+    return Response(current_app.extensions["metrics"].render(), content_type=CONTENT_TYPE)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """Return the OpenAPI document."""
+    return jsonify(current_app.extensions["openapi"])
+
+
+@bp.get("/docs")
+def docs() -> str:
+    """Render the OpenAPI document as a page (no CDN, no JavaScript)."""
+    spec = current_app.extensions["openapi"]
+
+    def resolve(schema: dict, depth: int = 0) -> dict:
+        """Inline component references so each body reads on its own."""
+        if isinstance(schema, dict):
+            ref = schema.get("$ref", "")
+            if ref.startswith("#/components/schemas/") and depth < 4:
+                return resolve(spec["components"]["schemas"][ref.rsplit("/", 1)[1]], depth + 1)
+            return {k: resolve(v, depth) for k, v in schema.items()}
+        if isinstance(schema, list):
+            return [resolve(v, depth) for v in schema]
+        return schema
+
+    return render_template("docs.html", spec=spec, resolve=resolve)

@@ -1,0 +1,76 @@
+"""JSON logs on stdout, one object per line, and per-request ids, timing and access lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+
+from flask import Flask, Response, current_app, g, has_request_context, request
+
+access_log = logging.getLogger("aggregator.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "events", "remote_addr")
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object: time, level, logger, message, request fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if "request_id" not in entry and has_request_context() and "request_id" in g:
+            entry["request_id"] = g.request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure() -> None:
+    """Send every log record to stdout as JSON, unless logging is configured already."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _start() -> None:
+    g.started = time.perf_counter()
+    given = request.headers.get("X-Request-ID", "")
+    g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _finish(response: Response) -> Response:
+    duration = time.perf_counter() - g.get("started", time.perf_counter())
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    if request.endpoint == "api.publish":
+        current_app.extensions["metrics"].publish_seconds.labels(
+            str(response.status_code)).observe(duration)
+    # Never the headers (tokens) nor the body (payloads): only what locates the request.
+    access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
+        "request_id": g.get("request_id"), "method": request.method, "path": request.path,
+        "status": response.status_code, "duration_ms": round(duration * 1000, 2),
+        "events": g.get("events"), "remote_addr": request.remote_addr})
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Give every request an id (kept from X-Request-ID when sane) and an access line."""
+    app.before_request(_start)
+    app.after_request(_finish)

@@ -1,0 +1,100 @@
+"""Prometheus metrics: counters read from the database, histograms shared across workers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .store import Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+EVENT_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000)
+SECOND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class DatabaseCollector:
+    """Collect the persisted counters at scrape time: exact whichever worker answers."""
+
+    def __init__(self, store: Store, version: str):
+        self.store = store
+        self.version = version
+
+    def collect(self):
+        counters = self.store.counters()
+        for name, value, text in (
+                ("received", counters.received, "Valid events received (stored or duplicate)."),
+                ("stored", counters.unique_processed, "Events stored for the first time."),
+                ("duplicate", counters.duplicate_dropped, "Events dropped as duplicates."),
+                ("rejected", counters.rejected, "Events refused by validation.")):
+            yield CounterMetricFamily(f"aggregator_events_{name}", text, value=value)
+        topics = CounterMetricFamily("aggregator_topic_events_stored",
+                                     "Events stored, by topic.", labels=["topic"])
+        for topic, count in counters.topics.items():
+            topics.add_metric([topic], count)
+        yield topics
+        info = GaugeMetricFamily("aggregator_build_info", "Version of the running aggregator.",
+                                 labels=["version", "python"])
+        info.add_metric([self.version, platform.python_version()], 1)
+        yield info
+
+
+class Metrics:
+    """The aggregator's metrics for one app.
+
+    Under gunicorn, PROMETHEUS_MULTIPROC_DIR (set by app/gunicorn.conf.py) makes every
+    worker write its samples to files that any worker aggregates at scrape time.
+    """
+
+    def __init__(self, store: Store, version: str, multiprocess_dir: str | None):
+        self._multiprocess_dir = multiprocess_dir
+        # In multiprocess mode samples live in files: the objects are not registered,
+        # the scrape reads every worker's files instead.
+        own = None if multiprocess_dir else CollectorRegistry()
+        self._registry = own
+        self.queue_depth = Gauge("aggregator_ingest_queue_depth",
+                                 "Batches waiting for a writer (all live workers).",
+                                 registry=own, multiprocess_mode="livesum")
+        self.commit_events = Histogram("aggregator_commit_events",
+                                       "Events in one group commit.", registry=own,
+                                       buckets=EVENT_BUCKETS)
+        self.commit_seconds = Histogram("aggregator_commit_duration_seconds",
+                                        "Time to commit one group.", registry=own,
+                                        buckets=SECOND_BUCKETS)
+        self.commit_failures = Counter("aggregator_commit_failures",
+                                       "Group commits that failed.", registry=own)
+        self.publish_seconds = Histogram("aggregator_publish_request_duration_seconds",
+                                         "POST /publish duration, by status.", ["status"],
+                                         registry=own, buckets=SECOND_BUCKETS)
+        self._database = DatabaseCollector(store, version)
+        if own is not None:
+            own.register(self._database)
+
+    def observe_commit(self, events: int, started: float, ok: bool) -> None:
+        """Record one group commit."""
+        if ok:
+            self.commit_events.observe(events)
+            self.commit_seconds.observe(time.perf_counter() - started)
+        else:
+            self.commit_failures.inc()
+
+    def render(self) -> bytes:
+        """Return the exposition text of every metric."""
+        if self._registry is not None:
+            return generate_latest(self._registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._multiprocess_dir)
+        registry.register(self._database)
+        return generate_latest(registry)
+
+
+def prepare_multiprocess_dir(path: str) -> None:
+    """Empty the directory of a previous run's sample files (call before workers start)."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))

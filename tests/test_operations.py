@@ -1,0 +1,138 @@
+"""Operators' view: Prometheus metrics, the OpenAPI document and /docs, JSON logs, health."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import requests
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate as validate_spec
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import ROOT, event
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Return {sample name{labels}: value} from one fresh-connection scrape."""
+    text = requests.get(url + "/metrics", timeout=10,
+                        headers={"Connection": "close"}).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_are_exact_whichever_worker_answers(gunicorn):
+    server = gunicorn(workers=2)
+    with requests.Session() as session:
+        for i in range(12):
+            batch = [event(f"m{i}-{j}", topic=("a", "b")[j % 2]) for j in range(50)]
+            batch += batch[:10] + [event("bad", topic="")]
+            assert session.post(server.url + "/publish", json=batch,
+                                headers={"Connection": "close"}, timeout=10).status_code == 207
+    scrapes = [scrape(server.url) for _ in range(8)]
+    for samples in scrapes:
+        assert samples["aggregator_events_received_total{}"] == 12 * 60
+        assert samples["aggregator_events_stored_total{}"] == 12 * 50
+        assert samples["aggregator_events_duplicate_total{}"] == 12 * 10
+        assert samples["aggregator_events_rejected_total{}"] == 12
+        assert samples["aggregator_topic_events_stored_total{topic=a}"] == 300
+        assert samples["aggregator_topic_events_stored_total{topic=b}"] == 300
+        assert samples["aggregator_publish_request_duration_seconds_count{status=207}"] == 12
+        assert samples["aggregator_commit_events_sum{}"] == 12 * 60
+        assert samples["aggregator_ingest_queue_depth{}"] == 0
+        assert any(k.startswith("aggregator_build_info{") for k in samples)
+        assert samples["aggregator_commit_duration_seconds_count{}"] >= 1
+
+
+def test_openapi_document_validates_and_lists_every_route(app, client):
+    document = client.get("/openapi.json").json
+    validate_spec(document)
+    routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    assert routes <= set(document["paths"]), routes - set(document["paths"])
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in document["paths"][rule.rule], (rule.rule, method)
+
+
+def event_validator(document: dict) -> OAS30Validator:
+    schema = {**document["components"]["schemas"]["Event"],
+              "components": document["components"]}
+    return OAS30Validator(schema)
+
+
+@pytest.mark.parametrize("candidate,valid", [
+    (event("ok"), True),
+    (event("ok2", payload={"nested": [1, {"x": None}]}), True),
+    ({k: v for k, v in event("m").items() if k != "source"}, False),
+    (event("x", extra="field"), False),
+    (event("y", topic="t" * 256), False),
+    (event("z", payload=[1, 2]), False),
+    (event("", topic="a"), False),
+])
+def test_what_the_document_allows_is_accepted_and_what_it_forbids_is_refused(
+        client, candidate, valid):
+    validator = event_validator(client.get("/openapi.json").json)
+    assert validator.is_valid(candidate) is valid
+    response = client.post("/publish", json=[candidate])
+    assert response.status_code == (200 if valid else 422)
+
+
+def test_docs_page_describes_every_path(client):
+    document = client.get("/openapi.json").json
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    for path in document["paths"]:
+        assert f"{path}</code>" in html
+    assert "cdn" not in html.lower() and "<script" not in html
+
+
+def test_one_json_log_line_per_request_with_the_given_request_id(gunicorn, tmp_path):
+    server = gunicorn(workers=1, env={"AGGREGATOR_API_TOKEN": "tok-secret-123"})
+    secret_payload = {"card": "4111-SECRET-PAYLOAD"}
+    response = requests.post(server.url + "/publish", json=[event("l1", payload=secret_payload)],
+                             headers={"X-Request-ID": "req-42",
+                                      "Authorization": "Bearer tok-secret-123"}, timeout=10)
+    assert response.status_code == 200 and response.headers["X-Request-ID"] == "req-42"
+    generated = requests.get(server.url + "/stats", timeout=10).headers["X-Request-ID"]
+    assert len(generated) == 32
+    server.terminate()
+    lines = server.log_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all({"time", "level", "message"} <= set(r) for r in records)
+    access = [r for r in records if r.get("path") == "/publish"]
+    assert len(access) == 1
+    assert access[0]["request_id"] == "req-42" and access[0]["status"] == 200
+    assert access[0]["method"] == "POST" and access[0]["events"] == 1
+    assert access[0]["duration_ms"] >= 0
+    assert any(r.get("request_id") == generated and r.get("path") == "/stats" for r in records)
+    text = server.log_path.read_text()
+    assert "tok-secret-123" not in text and "4111-SECRET-PAYLOAD" not in text
+
+
+def test_liveness_and_readiness(app, client):
+    assert client.get("/health/live").json == {"status": "ok"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json["checks"]["queue"] == "ok"
+    app.extensions["ingestor"].close()
+    assert client.get("/health/ready").status_code == 503
+    assert client.get("/health/live").status_code == 200
+
+
+def test_a_script_that_builds_an_app_exits_without_calling_shutdown(tmp_path):
+    script = ("from app import create_app\n"
+              f"app = create_app({{'database_url': 'sqlite:///{tmp_path}/s.db'}})\n"
+              "r = app.test_client().post('/publish', json={'topic': 't', 'event_id': 'e',"
+              " 'timestamp': '2025-01-01T00:00:00Z', 'source': 's'})\n"
+              "assert r.status_code == 200\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
