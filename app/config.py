@@ -20,9 +20,11 @@ class Config:
 
     database_url: str = "sqlite:///data/dedup.db"
     api_token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
     max_batch: int = 10_000
     max_body: int = 16 * MIB
     max_payload: int = 64 * 1024
+    max_db_mb: int | None = None
     queue_size: int = 64
     writers: int = 1
     commit_timeout: float = 30.0
@@ -80,9 +82,11 @@ def _bind(text: str) -> str:
 _VARIABLES = {
     "DATABASE_URL": ("database_url", _database_url),
     "AGGREGATOR_API_TOKEN": ("api_token", _token),
+    "AGGREGATOR_READ_TOKEN": ("read_token", _token),
     "AGGREGATOR_MAX_BATCH": ("max_batch", _positive_int),
     "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
     "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
+    "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),
     "AGGREGATOR_WRITERS": ("writers", _positive_int),
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
@@ -112,10 +116,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
     values = {}
     for name, (attr, parse) in _VARIABLES.items():
         raw = environ.get(name)
-        if raw is None or (raw.strip() == "" and attr != "api_token"):
+        is_token = parse is _token
+        if raw is None or (raw.strip() == "" and not is_token):
             continue
         try:
-            values[attr] = parse(raw.strip() if attr != "api_token" else raw)
+            values[attr] = parse(raw if is_token else raw.strip())
         except ValueError as exc:
             raise ConfigError(f"{name}={raw!r} {exc}") from None
     return Config(**values)

@@ -17,12 +17,13 @@ class APIError(Exception):
     """An error answered to the client as JSON with the given status."""
 
     def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None,
-                 **extra: object):
+                 headers: dict[str, str | list[str]] | None = None, **extra: object):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -32,6 +33,9 @@ def error_response(error: APIError):
     response.status_code = error.status
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    for name, values in error.headers.items():
+        for value in [values] if isinstance(values, str) else values:
+            response.headers.add(name, value)
     return response
 
 

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 # A group commit stops taking more queued batches once it holds this many events.
 MAX_COMMIT_EVENTS = 20_000
 _POLL_SECONDS = 0.2
+# How often dead writer threads are looked for and replaced.
+SUPERVISE_SECONDS = 0.5
+# Readiness reports a failed commit for this long unless a commit succeeds first: long
+# enough for a load balancer to see it, short enough that an idle server that has
+# recovered (space freed, lock released) is offered traffic again.
+FAILURE_MEMORY_SECONDS = 5.0
 
 
 class QueueFull(Exception):
@@ -60,7 +66,8 @@ class Ingestor:
                  metrics: Metrics | None = None):
         self._store = store
         self._metrics = metrics
-        self.last_error: StoreError | None = None
+        self._failure: tuple[float, StoreError] | None = None
+        self._writer_error: str | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._commit_timeout = commit_timeout
         self._stopping = threading.Event()
@@ -68,10 +75,10 @@ class Ingestor:
         # Daemon threads plus an atexit hook, not a ThreadPoolExecutor: the interpreter
         # joins an executor's threads before atexit runs, so a process that never called
         # close() (a script, the Flask dev server) would wait forever on the writer loop.
-        self._writers = [threading.Thread(target=self._run, name=f"writer-{n}", daemon=True)
-                         for n in range(writers)]
-        for thread in self._writers:
-            thread.start()
+        self._writers = [self._start_writer(n) for n in range(writers)]
+        self._supervisor = threading.Thread(target=self._supervise, name="writer-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
         atexit.register(self.close)
 
     @property
@@ -89,6 +96,25 @@ class Ingestor:
         """Return whether every writer thread is still running."""
         return not self._stopping.is_set() and all(w.is_alive() for w in self._writers)
 
+    @property
+    def writers_problem(self) -> str | None:
+        """Return why writers are not all running, or None when they are."""
+        if self._stopping.is_set():
+            return "stopped"
+        dead = sum(not w.is_alive() for w in self._writers)
+        if dead:
+            return f"{dead} of {len(self._writers)} dead ({self._writer_error}); replacing"
+        return None
+
+    @property
+    def last_error(self) -> StoreError | None:
+        """Return the error of a commit that failed in the last few seconds, if no commit
+        has succeeded since."""
+        failure = self._failure
+        if failure is None or time.monotonic() - failure[0] > FAILURE_MEMORY_SECONDS:
+            return None
+        return failure[1]
+
     def submit(self, batch: Batch) -> Outcome:
         """Queue the batch and block until it is committed; return its exact counts."""
         received = len(batch.rows)
@@ -98,6 +124,9 @@ class Ingestor:
         with self._submit_lock:
             if self._stopping.is_set():
                 raise ShuttingDown
+            if not any(w.is_alive() for w in self._writers):
+                # Fail now rather than after commit_timeout: nothing would drain the queue.
+                raise StoreError(f"no writer is running: {self._writer_error}")
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
@@ -113,12 +142,36 @@ class Ingestor:
         """Refuse new batches, commit every queued one, and stop the writers; safe twice."""
         with self._submit_lock:
             self._stopping.set()
+        # The supervisor first, so that it replaces no writer while they are joined.
+        if self._supervisor.is_alive() and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
         for thread in self._writers:
             thread.join()
         atexit.unregister(self.close)
 
+    def _start_writer(self, number: int) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name=f"writer-{number}", daemon=True)
+        thread.start()
+        return thread
+
+    def _supervise(self) -> None:
+        """Replace writer threads that died (their connection could not be opened)."""
+        while not self._stopping.wait(SUPERVISE_SECONDS):
+            for number, thread in enumerate(self._writers):
+                if not thread.is_alive():
+                    log.warning("writer-%d is dead (%s); starting a new one", number,
+                                self._writer_error)
+                    self._writers[number] = self._start_writer(number)
+
     def _run(self) -> None:
-        writer = self._store.writer()
+        try:
+            writer = self._store.writer()
+        except Exception as exc:
+            # The thread ends; the supervisor replaces it, and readiness says why meanwhile.
+            self._writer_error = f"cannot open a write connection: {exc}"
+            log.error("%s", self._writer_error)
+            return
+        self._writer_error = None
         try:
             while True:
                 # Read the flag before polling: once it is set no batch can be queued,
@@ -154,21 +207,32 @@ class Ingestor:
         started = time.perf_counter()
         try:
             stored = writer.write([item.batch for item in group])
+        except StoreError as exc:
+            # The database's own trouble (full, locked, gone): every batch shares it.
+            log.error("group commit of %d batches failed: %s", len(group), exc)
+            self._fail(group, started, exc)
         except Exception as exc:
-            error = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
-            if isinstance(exc, StoreError):
-                log.error("group commit of %d batches failed: %s", len(group), exc)
-            else:
-                log.exception("group commit of %d batches failed", len(group))
-            self.last_error = error
-            self._observe(group, started, ok=False)
-            for item in group:
-                item.future.set_exception(error)
+            if len(group) > 1:
+                # Something in one batch broke the transaction: commit each batch alone,
+                # so that only the batch at fault fails and the others are stored.
+                log.warning("group commit of %d batches failed (%s); committing them one by "
+                            "one", len(group), exc)
+                for item in group:
+                    self._commit(writer, [item])
+                return
+            log.exception("commit of one batch failed")
+            self._fail(group, started, StoreError(f"commit failed: {exc}"))
         else:
-            self.last_error = None
+            self._failure = None
             self._observe(group, started, ok=True)
             for item, new in zip(group, stored, strict=True):
                 item.future.set_result(new)
+
+    def _fail(self, group: list[_Item], started: float, error: StoreError) -> None:
+        self._failure = (time.monotonic(), error)
+        self._observe(group, started, ok=False)
+        for item in group:
+            item.future.set_exception(error)
 
     def _observe(self, group: list[_Item], started: float, *, ok: bool) -> None:
         if self._metrics is not None:

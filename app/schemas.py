@@ -14,12 +14,15 @@ from .store.base import Batch
 
 NAME_MAX = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# JSON's \ud800-style escapes can smuggle lone surrogates in: no UTF-8 encoding exists for them.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _FRACTION = re.compile(r"[.,](\d+)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Already UTC and in the form we store: the text needs no rebuilding.
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z")
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# allow_nan=False: 1e400 parses as inf, which has no JSON form to hand back to readers.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def parse_timestamp(value: object) -> tuple[int, str]:
@@ -78,6 +81,8 @@ class Name(_Checked):
             raise ValidationError(f"Length must be between 1 and {NAME_MAX}.")
         if _CONTROL.search(value):
             raise ValidationError("Must not contain control characters.")
+        if _SURROGATE.search(value):
+            raise ValidationError("Must be valid Unicode (no lone surrogate escapes).")
         return value
 
 
@@ -98,7 +103,12 @@ class Payload(_Checked):
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, dict):
             raise ValidationError("Must be a JSON object.")
-        text = _ENCODER.encode(value)
+        try:
+            text = _ENCODER.encode(value)
+        except ValueError:
+            raise ValidationError("Numbers must be finite (1e400 overflows to infinity).") from None
+        if _SURROGATE.search(text):
+            raise ValidationError("Strings must be valid Unicode (no lone surrogate escapes).")
         # A str of n characters encodes to at most 4n UTF-8 bytes: encode only when it matters.
         if len(text) * 4 > self.max_bytes and len(text.encode()) > self.max_bytes:
             raise ValidationError(

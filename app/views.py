@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from flask import (
 from marshmallow import ValidationError
 
 from . import pages
+from .auth import require_read, require_write
 from .body import read_events
 from .config import Config
 from .errors import APIError
@@ -45,19 +45,11 @@ def _ingestor() -> Ingestor:
     return current_app.extensions["ingestor"]
 
 
-def _check_token(token: str | None) -> None:
-    if token is None:
-        return
-    given = request.headers.get("Authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-        raise APIError(401, "unauthorized", "Send Authorization: Bearer <token>.")
-
-
 @bp.post("/publish")
 def publish() -> tuple[Response, int]:
     """Validate, durably store and count a batch of events."""
     config = _config()
-    _check_token(config.api_token)
+    require_write(config)
     raw = read_events(request, max_body=config.max_body, max_batch=config.max_batch)
     g.events = len(raw)
     batch, errors = build_batch(raw, current_app.extensions["event_schema"])
@@ -81,6 +73,7 @@ def index() -> Response:
 @bp.get("/events")
 def events() -> Response:
     """Return a page of stored events: JSON, or the HTML page for a browser."""
+    require_read(_config())
     if pages.prefers_html():
         return _events_page()
     try:
@@ -124,6 +117,7 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
 @bp.get("/stats")
 def stats() -> Response:
     """Return the persisted counters and this process's queue depth."""
+    require_read(_config())
     counters = _store().counters()
     started = current_app.extensions["started_at"]
     return jsonify({
@@ -162,8 +156,9 @@ def _health(*, ready: bool) -> tuple[Response, int]:
         _store().ping()
     except StoreError as exc:
         checks["database"] = str(exc)
-    if not ingestor.alive:
-        checks["writers"] = "stopped"
+    problem = ingestor.writers_problem
+    if problem:
+        checks["writers"] = problem
     if ready:
         checks["last_commit"] = "ok" if ingestor.last_error is None else str(ingestor.last_error)
         checks["queue"] = "full" if ingestor.saturated else "ok"
@@ -175,6 +170,7 @@ def _health(*, ready: bool) -> tuple[Response, int]:
 @bp.get("/metrics")
 def metrics() -> Response:
     """Return every metric in the Prometheus text format."""
+    require_read(_config())
     return Response(current_app.extensions["metrics"].render(), content_type=CONTENT_TYPE)
 
 

@@ -62,11 +62,23 @@ def translated_errors():
 class SQLiteWriter(Writer):
     """A write connection plus this writer's handle on the cross-process write lock."""
 
-    def __init__(self, path: str):
-        self._conn = connect(path)
+    def __init__(self, path: str, max_bytes: int | None = None):
         # SQLite's busy handler polls with sleeps of up to 100 ms; an flock wakes the
         # next writer (any process) the moment the current one commits.
-        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the write lock {path}.lock: {exc.strerror}") from None
+        try:
+            self._conn = connect(path)
+            if max_bytes is not None:
+                # A quota, per connection: past it a commit fails with SQLITE_FULL (a 503),
+                # before the disk itself fills.
+                (page_size,) = self._conn.execute("PRAGMA page_size").fetchone()
+                self._conn.execute(f"PRAGMA max_page_count = {max_bytes // page_size}")
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def write(self, batches: list[Batch]) -> list[int]:
         """Commit every batch in one transaction; return each batch's newly stored count."""
@@ -113,10 +125,11 @@ class SQLiteWriter(Writer):
 class SQLiteStore(Store):
     """Events and counters in one SQLite file in WAL mode."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_bytes: int | None = None):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self.path = path
+        self.max_bytes = max_bytes
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -133,7 +146,7 @@ class SQLiteStore(Store):
     def writer(self) -> SQLiteWriter:
         """Open a write connection for one writer thread."""
         with translated_errors():
-            return SQLiteWriter(self.path)
+            return SQLiteWriter(self.path, self.max_bytes)
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
