@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app import create_app, shutdown
@@ -43,10 +45,11 @@ def gunicorn(tmp_path, db_path):
     """Start real gunicorn servers on the test database; every one is stopped afterwards."""
     servers = []
 
-    def start(**kwargs) -> GunicornServer:
-        server = GunicornServer(db_path, tmp_path / f"gunicorn-{len(servers)}.log", **kwargs)
+    def start(*, wait_path: str = "/health", db: Path | None = None, **kwargs) -> GunicornServer:
+        server = GunicornServer(db or db_path, tmp_path / f"gunicorn-{len(servers)}.log",
+                                **kwargs)
         servers.append(server)
-        return server.start()
+        return server.start(path=wait_path)
 
     yield start
     for server in servers:

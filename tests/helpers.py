@@ -58,8 +58,8 @@ class GunicornServer:
                     "AGGREGATOR_THREADS": str(threads), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: float = 20.0) -> GunicornServer:
-        """Start gunicorn in its own process group and wait until /health answers 200."""
+    def start(self, wait: float = 20.0, path: str = "/health") -> GunicornServer:
+        """Start gunicorn in its own process group and wait until path answers 200."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
@@ -72,7 +72,7 @@ class GunicornServer:
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}: "
                                    f"{self.log_path.read_text()[-2000:]}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + path, timeout=1).status_code == 200:
                     return self
             except requests.ConnectionError:
                 pass

@@ -98,6 +98,9 @@ BAD_EVENTS = [
     ("payload null", event("m", payload=None), "payload"),
     ("payload too large", event("m", payload={"x": "y" * 70_000}), "payload"),
     ("unknown field", event("m", severity="high"), "severity"),
+    ("lone surrogate in event_id", event("a\ud800"), "event_id"),
+    ("lone surrogate in topic", event("m", topic="\udfff"), "topic"),
+    ("lone surrogate in payload", event("m", payload={"k": ["x\udc00"]}), "payload"),
 ]
 
 
@@ -110,6 +113,16 @@ def test_invalid_event_is_refused_naming_its_index_and_field(client, db_path, la
     assert list(response.json["errors"]) == ["1"]
     assert field in response.json["errors"]["1"]
     assert table_keys(db_path) == [("orders", "good")]
+
+
+def test_number_that_overflows_to_infinity_is_refused_by_index(client, db_path):
+    overflow = json.dumps(event("inf", payload={"x": 1})).replace('"x": 1', '"x": 1e400')
+    body = f"[{json.dumps(event('good'))}, {overflow}]"
+    response = publish(client, body)
+    assert response.status_code == 207
+    assert "finite" in response.json["errors"]["1"]["payload"][0]
+    assert table_keys(db_path) == [("orders", "good")]
+    assert "Infinity" not in client.get("/events").get_data(as_text=True)
 
 
 def test_naive_timestamp_error_says_the_offset_is_missing(client):
