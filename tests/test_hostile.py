@@ -1,0 +1,214 @@
+"""Hostile input: bodies that lie about their size, endless chunks, random JSON, random
+interleavings, deep nesting, markup in every field. Never a 5xx, never a wrong count."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import sqlite3
+import threading
+import time
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import event
+
+PROPERTY = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def raw_request(port: int, head: bytes, body_chunks=(), timeout: float = 10) -> bytes:
+    """Send a hand-written HTTP request (the body may never come) and return the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before taking it all: what we want
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            answer += part
+    return answer
+
+
+def test_content_length_over_the_limit_is_refused_before_the_body_is_read(gunicorn):
+    server = gunicorn(workers=1, env={"AGGREGATOR_MAX_BODY": "65536"})
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000000\r\n\r\n")
+    start = time.monotonic()
+    answer = raw_request(server.port, head)  # no body is ever sent
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"error":"body_too_large"' in answer
+    assert time.monotonic() - start < 5
+
+
+def test_chunked_body_is_bounded_while_reading(gunicorn, db_path):
+    server = gunicorn(workers=1, env={"AGGREGATOR_MAX_BODY": "65536"})
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"[" + b" " * 16_383
+    chunks = itertools.chain([b"4000\r\n" + piece + b"\r\n"],
+                             (b"4000\r\n" + b" " * 16_384 + b"\r\n" for _ in range(640)))
+    answer = raw_request(server.port, head, chunks)  # 10 MB offered, 64 KiB allowed
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"body_too_large" in answer
+
+    small = json.dumps([event("chunked")]).encode()
+    answer = raw_request(server.port, head, [b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)])
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT event_id FROM events").fetchall() == [("chunked",)]
+
+
+def counters_agree(db_path) -> None:
+    with sqlite3.connect(db_path) as conn:
+        counters = dict(conn.execute("SELECT name, value FROM counters"))
+        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        topics = dict(conn.execute("SELECT topic, count FROM topic_counts"))
+        actual = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
+    assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
+    assert counters["unique_processed"] == stored
+    assert {t: c for t, c in topics.items() if c} == actual
+
+
+# Controls and lone surrogates included: JSON's \u escapes let both through the parser.
+any_char = st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"])
+any_text = st.text(any_char, max_size=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(any_char, max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+names = st.one_of(any_text, st.sampled_from(["a", "b", "<b>", "x" * 256, ""]),
+                  json_values)
+timestamps = st.one_of(st.sampled_from(["2025-10-18T03:00:00Z", "2025-10-18T03:00:00",
+                                        "2025-02-30T00:00:00Z", "0001-01-01T00:00:00+01:00",
+                                        "9999-12-31T23:59:59.999999-14:00"]),
+                       st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+                       json_values)
+event_like = st.dictionaries(
+    st.sampled_from(["topic", "event_id", "timestamp", "source", "payload", "extra"]),
+    st.one_of(names, timestamps, json_values), min_size=3, max_size=6)
+valid_event = st.builds(
+    lambda t, i, p: event(i, topic=t, payload=p), st.sampled_from(["a", "b"]),
+    st.text(min_size=1, max_size=6).filter(lambda s: s.isprintable()),
+    st.dictionaries(st.text(max_size=6), json_values, max_size=3))
+bodies = st.one_of(
+    json_values, event_like, valid_event,
+    st.lists(st.one_of(event_like, valid_event, json_values), max_size=8),
+    st.builds(lambda events: {"events": events}, st.lists(st.one_of(valid_event, event_like),
+                                                          max_size=5)))
+
+
+@PROPERTY
+@given(body=bodies)
+def test_any_json_body_gets_200_or_a_4xx_and_counts_stay_exact(client, db_path, body):
+    response = client.post("/publish", data=json.dumps(body), content_type="application/json")
+    assert response.status_code in (200, 207, 400, 413, 422), response.get_data(as_text=True)
+    assert response.is_json
+    if response.status_code >= 400:
+        assert response.json["error"] and response.json["message"]
+    counters_agree(db_path)
+
+
+@PROPERTY
+@given(data=st.binary(max_size=300),
+       content_type=st.sampled_from(["application/json", "application/x-ndjson", "text/plain"]),
+       encoding=st.sampled_from([None, "gzip", "deflate"]))
+def test_any_bytes_get_200_or_a_4xx(client, db_path, data, content_type, encoding):
+    headers = {"Content-Encoding": encoding} if encoding else {}
+    response = client.post("/publish", data=data, content_type=content_type, headers=headers)
+    assert 200 <= response.status_code < 500 and response.status_code not in (201, 204)
+    assert response.is_json
+    counters_agree(db_path)
+
+
+namespace = itertools.count()
+
+
+@pytest.fixture
+def two_writers(make_app):
+    """A client of an app with two writer threads (shared by every example of a property)."""
+    return make_app(writers=2).test_client()
+
+
+@PROPERTY
+@given(batches=st.lists(st.lists(st.tuples(st.sampled_from(["x", "y"]), st.integers(0, 12)),
+                                 max_size=15), min_size=1, max_size=10),
+       threads=st.integers(1, 4))
+def test_random_interleavings_from_threads_match_a_simple_model(two_writers, batches, threads):
+    client = two_writers
+    run = next(namespace)  # each example gets its own ids, on the same growing store
+    before = client.get("/stats").json
+    answers, lock = [], threading.Lock()
+
+    def send(mine: list) -> None:
+        for batch in mine:
+            body = [event(f"{run}-{n}", topic=topic) for topic, n in batch]
+            answer = client.post("/publish", json=body).json
+            with lock:
+                answers.append(answer)
+
+    workers = [threading.Thread(target=send, args=(batches[i::threads],))
+               for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    sent = [key for batch in batches for key in batch]
+    unique = set(sent)
+    assert sum(a["received"] for a in answers) == len(sent)
+    assert sum(a["unique_processed"] for a in answers) == len(unique)
+    after = client.get("/stats").json
+    assert after["received"] - before["received"] == len(sent)
+    assert after["unique_processed"] - before["unique_processed"] == len(unique)
+    assert after["duplicate_dropped"] - before["duplicate_dropped"] == len(sent) - len(unique)
+    for topic, count in Counter(topic for topic, _ in unique).items():
+        assert after["topics"][topic] - before["topics"].get(topic, 0) == count
+
+
+@pytest.mark.parametrize("depth", [100, 900])
+def test_deeply_nested_payload_is_stored_and_shown_in_json_and_html(client, depth):
+    payload: dict = {}
+    for _ in range(depth - 1):
+        payload = {"a": payload}
+    response = client.post("/publish", json=event("deep", payload=payload))
+    assert response.status_code == 200
+    assert client.get("/events").status_code == 200
+    page = client.get("/events", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and ">deep<" in page.get_data(as_text=True)
+
+
+def test_payload_nested_past_the_parser_limit_is_a_400(client):
+    body = '{"topic": "t", "event_id": "e", "timestamp": "2025-01-01T00:00:00Z", ' \
+           '"source": "s", "payload": ' + '{"a": ' * 5000 + "{}" + "}" * 5000 + "}"
+    response = client.post("/publish", data=body, content_type="application/json")
+    assert response.status_code == 400 and response.json["error"] == "malformed_json"
+
+
+# Between markers, so that only a verbatim (unescaped) reflection can match.
+markup = st.text(alphabet=st.sampled_from(list("<>\"'&/= ascriptonerrimg")), min_size=1,
+                 max_size=40).filter(lambda s: any(c in s for c in "<>\"'&")).map(
+    lambda s: f"Zq{s}qZ")
+
+
+@PROPERTY
+@given(value=markup, param=st.sampled_from(["topic", "source", "since", "until", "limit",
+                                            "after", "live"]))
+def test_html_page_never_reflects_markup_unescaped(client, value, param):
+    page = client.get("/events", query_string={param: value}, headers={"Accept": "text/html"})
+    assert page.status_code in (200, 400)
+    assert value not in page.get_data(as_text=True)
