@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flask import Flask, jsonify
@@ -39,9 +40,25 @@ def error_response(error: APIError):
     return response
 
 
+def _code(reason: str) -> str:
+    """Turn an HTTP reason phrase ("URI Too Long") into an error code ("uri_too_long")."""
+    return (reason or "error").lower().replace(" ", "_").replace("'", "")
+
+
+def write_server_error(sock, status: int, reason: str, message: str) -> None:
+    """Answer a request gunicorn refused before the app ran (414, 431, bad request line)
+    in the JSON error shape, as gunicorn.util.write_error does in HTML."""
+    from gunicorn.util import write_nonblock
+
+    body = json.dumps({"error": _code(reason), "message": message or reason}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    write_nonblock(sock, head.encode("latin-1") + body)
+
+
 def _http_exception(exc: HTTPException):
-    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-    response = error_response(APIError(exc.code or 500, code, exc.description or exc.name))
+    response = error_response(APIError(exc.code or 500, _code(exc.name),
+                                       exc.description or exc.name))
     if exc.code == 405 and exc.valid_methods:
         response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response

@@ -12,7 +12,15 @@ _own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
 
+from gunicorn import util as _gunicorn_util  # noqa: E402
+
 from app.config import ConfigError, from_env  # noqa: E402
+from app.errors import write_server_error  # noqa: E402
+
+# What gunicorn refuses before the app runs (a request line over limit_request_line, too
+# many headers, a malformed request line) it answers with an HTML page; the contract is
+# JSON for every error, so its error writer is swapped for one that writes our shape.
+_gunicorn_util.write_error = write_server_error
 
 try:
     _config = from_env()
@@ -35,6 +43,9 @@ threads = _config.threads
 timeout = 60
 graceful_timeout = _config.graceful_timeout
 keepalive = 5
+# gunicorn's largest request line (the default is 4094): room for every /events filter
+# at its longest; a longer line is a JSON 414.
+limit_request_line = 8190
 
 # Several instances (tests, replicas) may share a HOME; nothing here uses the control socket.
 control_socket_disable = True

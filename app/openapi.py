@@ -16,6 +16,8 @@ def _field_attributes(converter, field, **kwargs) -> dict:
     if isinstance(field, schemas.Name):
         return {"minLength": 1, "maxLength": NAME_MAX,
                 "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}
+    if isinstance(field, schemas.Cursor):
+        return {"pattern": schemas.CURSOR_PATTERN}
     if isinstance(field, schemas.Payload):
         return {"default": {}, "x-max-serialised-bytes": field.max_bytes}
     return {}
@@ -65,30 +67,46 @@ def _publish() -> dict:
     }}
 
 
+# Reads are open unless AGGREGATOR_READ_TOKEN is set; then the read token (or the publish
+# token) as a bearer token or as a Basic password.
+_READ_SECURITY = [{}, {"bearer": []}, {"basic": []}]
+_READ_REFUSED = "Read token required (AGGREGATOR_READ_TOKEN is set)"
+
+
 def _events() -> dict:
     return {"get": {
         "summary": "Stored events, filtered, keyset-paginated on the ingestion order",
         "description": "A browser (Accept prefers text/html) gets the HTML events page.",
+        "security": _READ_SECURITY,
         "parameters": [{"in": "query", "schema": schemas.EventsQuerySchema}],
         "responses": {
             "200": {"description": "A page of events", "content": {
                 _JSON: {"schema": "EventsPage"},
                 "text/html": {"schema": {"type": "string"}}}},
             "400": _error("A query parameter is not valid (named in the message)"),
+            "401": _error(_READ_REFUSED),
+            "414": _error("The query string is longer than the server reads (8190 bytes)"),
         },
     }}
 
 
-def _simple(summary: str, schema: str, *, failing: str | None = None) -> dict:
+def _simple(summary: str, schema: str, *, failing: str | None = None,
+            guarded: bool = False) -> dict:
     responses = {"200": _ok(schema, summary)}
     if failing:
         responses["503"] = _ok(schema, failing)
-    return {"get": {"summary": summary, "responses": responses}}
+    operation = {"summary": summary, "responses": responses}
+    if guarded:
+        operation["security"] = _READ_SECURITY
+        responses["401"] = _error(_READ_REFUSED)
+    return {"get": operation}
 
 
-def _text(summary: str, content_type: str) -> dict:
-    return {"get": {"summary": summary, "responses": {"200": {
-        "description": summary, "content": {content_type: {"schema": {"type": "string"}}}}}}}
+def _text(summary: str, content_type: str, *, guarded: bool = False) -> dict:
+    operation = _simple(summary, "unused", guarded=guarded)["get"]
+    operation["responses"]["200"] = {
+        "description": summary, "content": {content_type: {"schema": {"type": "string"}}}}
+    return {"get": operation}
 
 
 def build_spec(version: str, max_payload: int) -> dict:
@@ -104,6 +122,7 @@ def build_spec(version: str, max_payload: int) -> dict:
     plugin.map_to_openapi_type(schemas.Payload, "object", None)
     plugin.converter.add_attribute_function(_field_attributes)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
     spec.components.schema("Event", schema=schemas.make_event_schema(max_payload))
     for name, schema in (("EventOut", schemas.EventOutSchema),
                          ("EventsPage", schemas.EventsPageSchema),
@@ -113,15 +132,16 @@ def build_spec(version: str, max_payload: int) -> dict:
         spec.components.schema(name, schema=schema)
     spec.path("/publish", operations=_publish())
     spec.path("/events", operations=_events())
-    spec.path("/stats", operations=_simple("Counters (exact, from the database)", "Stats"))
+    spec.path("/stats", operations=_simple("Counters (exact, from the database)", "Stats",
+                                           guarded=True))
     spec.path("/health", operations=_simple(
         "Database answers and writers alive", "Health", failing="Not healthy"))
     spec.path("/health/live", operations=_simple("The process serves requests", "Health"))
     spec.path("/health/ready", operations=_simple(
         "Ready to commit: database writable, writers alive, queue not full", "Health",
         failing="Not ready"))
-    spec.path("/metrics", operations=_text("Prometheus metrics",
-                                            "text/plain; version=0.0.4"))
+    spec.path("/metrics", operations=_text("Prometheus metrics", "text/plain; version=0.0.4",
+                                            guarded=True))
     spec.path("/openapi.json", operations=_text("This document", _JSON))
     spec.path("/docs", operations=_text("This document as a readable page", "text/html"))
     spec.path("/", operations={"get": {"summary": "Redirect to the events page",

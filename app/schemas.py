@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -25,11 +24,8 @@ _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z")
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def parse_timestamp(value: object) -> tuple[int, str]:
-    """Return (microseconds since the epoch, normalised UTC text) of an ISO 8601 date-time.
-
-    Raises ValidationError for a non-string, an impossible time or a naive one.
-    """
+def _moment(value: object) -> datetime:
+    """Return the aware datetime of an ISO 8601 string with an offset, or raise."""
     if not isinstance(value, str) or not value:
         raise ValidationError("Not a valid date-time: expected an ISO 8601 string.")
     try:
@@ -39,6 +35,25 @@ def parse_timestamp(value: object) -> tuple[int, str]:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValidationError(
             "Date-time has no UTC offset: add 'Z' or an offset such as '+07:00'.")
+    return moment
+
+
+def timestamp_micros(value: object) -> int:
+    """Return microseconds since the epoch of an ISO 8601 date-time with an offset.
+
+    Any instant datetime can write is fine here, even one whose UTC date falls outside
+    years 1..9999 (subtracting aware datetimes never converts them).
+    """
+    return (_moment(value) - _EPOCH) // _MICROSECOND
+
+
+def parse_timestamp(value: object) -> tuple[int, str]:
+    """Return (microseconds since the epoch, normalised UTC text) of an ISO 8601 date-time.
+
+    Raises ValidationError for a non-string, an impossible time, a naive one, or one
+    whose UTC form falls outside years 1..9999.
+    """
+    moment = _moment(value)
     if _CANONICAL.fullmatch(value):
         text = value
     else:
@@ -198,20 +213,23 @@ class HealthSchema(Schema):
     checks = fields.Dict(keys=fields.String(), values=fields.String())
 
 
+# A cursor is the base64url form of the 8-byte sequence number: exactly the strings this
+# pattern allows decode to a sequence number in 0..2**63-1, so the OpenAPI document can
+# state it and a cursor can never overflow SQLite's integers.
+CURSOR_PATTERN = "^[A-Za-f][A-Za-z0-9_-]{9}[AEIMQUYcgkosw048]$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(seq: int) -> str:
     """Turn an ingestion sequence number into an opaque cursor."""
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+    return base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> int:
     """Turn a cursor back into its sequence number, or raise ValidationError."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text[:1] == "s" and text[1:].isdigit():
-            return int(text[1:])
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise ValidationError("Not a valid cursor: use the next_cursor of a previous page.")
+    if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
+        raise ValidationError("Not a valid cursor: use the next_cursor of a previous page.")
+    return int.from_bytes(base64.urlsafe_b64decode(cursor + "="), "big")
 
 
 class Cursor(fields.Field):
@@ -221,7 +239,7 @@ class Cursor(fields.Field):
 
 class QueryTimestamp(fields.Field):
     def _deserialize(self, value, attr, data, **kwargs):
-        return parse_timestamp(value)[0]
+        return timestamp_micros(value)
 
 
 class EventsQuerySchema(Schema):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from app.schemas import CURSOR_PATTERN, decode_cursor, encode_cursor
 from tests.helpers import event
 
 
@@ -116,3 +120,28 @@ def test_bad_query_parameter_is_400_naming_it(client, param, value):
     assert response.status_code == 400
     assert response.json["error"] == "bad_query"
     assert param in response.json["message"] and param in response.json["errors"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(cursor=st.from_regex(CURSOR_PATTERN, fullmatch=True))
+def test_every_cursor_the_document_allows_decodes_to_a_sqlite_integer(cursor):
+    seq = decode_cursor(cursor)
+    assert 0 <= seq < 2 ** 63 and encode_cursor(seq) == cursor
+
+
+def test_cursor_too_large_for_sqlite_is_a_400_not_a_500(client, filled):
+    huge = base64.urlsafe_b64encode(b"s" + b"9" * 30).decode().rstrip("=")
+    response = client.get("/events", query_string={"after": huge})
+    assert response.status_code == 400 and "after" in response.json["errors"]
+
+
+def test_bounds_far_outside_utc_years_compare_as_instants(client, filled):
+    assert len(ids(client.get("/events", query_string={
+        "since": "0001-01-01T00:00:00+01:00", "until": "9999-12-31T23:59:59-14:00"}))) == 60
+
+
+def test_request_line_too_long_is_a_json_414(gunicorn):
+    server = gunicorn(workers=1)
+    response = requests.get(server.url + "/events", params={"topic": "t" * 9000}, timeout=10)
+    assert response.status_code == 414
+    assert response.json()["error"] == "uri_too_long"

@@ -1,0 +1,81 @@
+"""Tokens: the publish token guards writes, the read token (when set) guards reads."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import requests
+
+from tests.helpers import event, table_keys
+
+READS = ["/events", "/stats", "/metrics"]
+OPEN = ["/health", "/health/live", "/health/ready", "/openapi.json", "/docs"]
+
+
+def basic(password: str, user: str = "anyone") -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def guarded(make_app):
+    return make_app(api_token="write-tok", read_token="read-tok").test_client()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Bearer read-to",
+                                           "Bearer read-tok2", "read-tok", basic("wrong"),
+                                           "Basic !!notbase64", "Bearer "])
+@pytest.mark.parametrize("path", READS)
+def test_reads_need_the_read_token_when_one_is_set(guarded, path, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    response = guarded.get(path, headers=headers)
+    assert response.status_code == 401 and response.json["error"] == "unauthorized"
+    challenges = response.headers.getlist("WWW-Authenticate")
+    assert any(c.startswith("Bearer") for c in challenges)
+    assert any(c.startswith("Basic") for c in challenges)
+
+
+@pytest.mark.parametrize("authorization", ["Bearer read-tok", "bearer read-tok",
+                                           basic("read-tok"), basic("read-tok", user=""),
+                                           "Bearer write-tok"])
+@pytest.mark.parametrize("path", READS)
+def test_the_read_token_or_the_publish_token_opens_reads(guarded, path, authorization):
+    assert guarded.get(path, headers={"Authorization": authorization}).status_code == 200
+
+
+@pytest.mark.parametrize("path", OPEN)
+def test_probes_and_the_api_description_stay_open(guarded, path):
+    assert guarded.get(path).status_code == 200
+
+
+def test_the_read_token_cannot_publish(guarded, db_path):
+    for authorization in ("Bearer read-tok", basic("read-tok"), None):
+        headers = {"Authorization": authorization} if authorization else {}
+        response = guarded.post("/publish", json=event("r"), headers=headers)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert table_keys(db_path) == []
+    ok = guarded.post("/publish", json=event("w"), headers={"Authorization": "Bearer write-tok"})
+    assert ok.status_code == 200
+
+
+def test_reads_stay_open_when_only_the_publish_token_is_set(make_app):
+    client = make_app(api_token="write-tok").test_client()
+    for path in READS:
+        assert client.get(path).status_code == 200
+
+
+def test_tokens_never_reach_the_logs(gunicorn):
+    server = gunicorn(workers=1, env={"AGGREGATOR_API_TOKEN": "w-SECRET-4242",
+                                      "AGGREGATOR_READ_TOKEN": "r-SECRET-4242"})
+    write = {"Authorization": "Bearer w-SECRET-4242"}
+    assert requests.post(server.url + "/publish", json=[event("a")], headers=write,
+                         timeout=10).status_code == 200
+    for headers in ({"Authorization": "Bearer r-SECRET-4242"},
+                    {"Authorization": "Bearer wrong-SECRET-4242"}, {}):
+        requests.get(server.url + "/events", headers=headers, timeout=10)
+    requests.post(server.url + "/publish", json=[event("b")], timeout=10,
+                  headers={"Authorization": "Bearer bad-SECRET-4242"})
+    assert server.terminate() == 0
+    log = server.log_path.read_text()
+    assert '"path": "/events"' in log and "SECRET-4242" not in log
