@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DATABASE_URL ?= sqlite:///data/dedup.db
 
-.PHONY: venv run publish test lint bench clean
+.PHONY: venv run publish test lint bench soak clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: venv
 ## bench: end-to-end ingest vs the in-process ceiling, medians of 3 runs
 bench: venv
 	$(BIN)/python -m bench.ingest --runs 3
+
+## soak: 5 cycles of load + SIGKILL of the whole server + restart, then audit the database
+soak: venv
+	$(BIN)/python -m bench.crash_soak --cycles 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results
