@@ -92,11 +92,6 @@ class Ingestor:
         return self._queue.full()
 
     @property
-    def alive(self) -> bool:
-        """Return whether every writer thread is still running."""
-        return not self._stopping.is_set() and all(w.is_alive() for w in self._writers)
-
-    @property
     def writers_problem(self) -> str | None:
         """Return why writers are not all running, or None when they are."""
         if self._stopping.is_set():
