@@ -58,8 +58,9 @@ def assert_counters_match_the_table(db_path) -> None:
 def test_database_over_its_quota_answers_503_stays_up_and_recovers_when_lifted(
         gunicorn, db_path):
     # AGGREGATOR_MAX_DB_MB sets PRAGMA max_page_count on every write connection:
-    # past it SQLite itself refuses the commit with SQLITE_FULL.
-    server = gunicorn(workers=2, env={"AGGREGATOR_MAX_DB_MB": "1"})
+    # past it SQLite itself refuses the commit with SQLITE_FULL. One worker: readiness
+    # reports the failed commits of the worker process that answers the probe.
+    server = gunicorn(workers=1, env={"AGGREGATOR_MAX_DB_MB": "1"})
     acknowledged, (refused_batch, refused) = fill_until_refused(server.url, "q")
     assert acknowledged
     assert refused.status_code == 503 and refused.headers["Retry-After"]
