@@ -73,21 +73,26 @@ _READ_SECURITY = [{}, {"bearer": []}, {"basic": []}]
 _READ_REFUSED = "Read token required (AGGREGATOR_READ_TOKEN is set)"
 
 
+def _get(summary: str, responses: dict, *, guarded: bool = False, **extra: object) -> dict:
+    """Return a GET operation; a guarded one needs the read token when it is set."""
+    operation = {"summary": summary, **extra, "responses": responses}
+    if guarded:
+        operation["security"] = _READ_SECURITY
+        responses["401"] = _error(_READ_REFUSED)
+    return {"get": operation}
+
+
 def _events() -> dict:
-    return {"get": {
-        "summary": "Stored events, filtered, keyset-paginated on the ingestion order",
-        "description": "A browser (Accept prefers text/html) gets the HTML events page.",
-        "security": _READ_SECURITY,
-        "parameters": [{"in": "query", "schema": schemas.EventsQuerySchema}],
-        "responses": {
-            "200": {"description": "A page of events", "content": {
-                _JSON: {"schema": "EventsPage"},
-                "text/html": {"schema": {"type": "string"}}}},
-            "400": _error("A query parameter is not valid (named in the message)"),
-            "401": _error(_READ_REFUSED),
-            "414": _error("The query string is longer than the server reads (8190 bytes)"),
-        },
-    }}
+    return _get(
+        "Stored events, filtered, keyset-paginated on the ingestion order",
+        {"200": {"description": "A page of events", "content": {
+            _JSON: {"schema": "EventsPage"},
+            "text/html": {"schema": {"type": "string"}}}},
+         "400": _error("A query parameter is not valid (named in the message)"),
+         "414": _error("The query string is longer than the server reads (8190 bytes)")},
+        guarded=True,
+        description="A browser (Accept prefers text/html) gets the HTML events page.",
+        parameters=[{"in": "query", "schema": schemas.EventsQuerySchema}])
 
 
 def _simple(summary: str, schema: str, *, failing: str | None = None,
@@ -95,18 +100,12 @@ def _simple(summary: str, schema: str, *, failing: str | None = None,
     responses = {"200": _ok(schema, summary)}
     if failing:
         responses["503"] = _ok(schema, failing)
-    operation = {"summary": summary, "responses": responses}
-    if guarded:
-        operation["security"] = _READ_SECURITY
-        responses["401"] = _error(_READ_REFUSED)
-    return {"get": operation}
+    return _get(summary, responses, guarded=guarded)
 
 
 def _text(summary: str, content_type: str, *, guarded: bool = False) -> dict:
-    operation = _simple(summary, "unused", guarded=guarded)["get"]
-    operation["responses"]["200"] = {
-        "description": summary, "content": {content_type: {"schema": {"type": "string"}}}}
-    return {"get": operation}
+    return _get(summary, {"200": {"description": summary, "content": {
+        content_type: {"schema": {"type": "string"}}}}}, guarded=guarded)
 
 
 def build_spec(version: str, max_payload: int) -> dict:

@@ -44,7 +44,11 @@ def timestamp_micros(value: object) -> int:
     Any instant datetime can write is fine here, even one whose UTC date falls outside
     years 1..9999 (subtracting aware datetimes never converts them).
     """
-    return (_moment(value) - _EPOCH) // _MICROSECOND
+    return _micros(_moment(value))
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def parse_timestamp(value: object) -> tuple[int, str]:
@@ -66,7 +70,7 @@ def parse_timestamp(value: object) -> tuple[int, str]:
         if fraction:
             text += "." + f"{moment.microsecond:06d}"[: min(len(fraction.group(1)), 6)]
         text += "Z"
-    return (moment - _EPOCH) // _MICROSECOND, text
+    return _micros(moment), text
 
 
 class _Checked(fields.Field):

@@ -37,6 +37,21 @@ def db_counters(db_path: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT name, value FROM counters"))
 
 
+def assert_counters_match_the_table(db_path: Path) -> None:
+    """Assert both invariants, per-topic counts and no key stored twice, from the file."""
+    with sqlite3.connect(db_path) as conn:
+        counters = dict(conn.execute("SELECT name, value FROM counters"))
+        rows, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT topic || char(0) || event_id) FROM events"
+        ).fetchone()
+        topics = dict(conn.execute("SELECT topic, count FROM topic_counts WHERE count > 0"))
+        actual = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
+    assert rows == distinct
+    assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
+    assert counters["unique_processed"] == rows
+    assert topics == actual
+
+
 def free_port() -> int:
     """Return a loopback port that was free a moment ago."""
     with socket.socket() as sock:

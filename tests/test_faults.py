@@ -15,7 +15,7 @@ import requests
 
 from app.ingest import Ingestor
 from app.store import Batch, SQLiteStore, StoreError
-from tests.helpers import db_counters, event, table_keys
+from tests.helpers import assert_counters_match_the_table, db_counters, event, table_keys
 
 
 def publish(url: str, batch: list[dict]) -> requests.Response:
@@ -47,12 +47,6 @@ def wait_for_status(url: str, status: int, timeout: float = 15.0) -> requests.Re
         if response.status_code == status or time.monotonic() > deadline:
             return response
         time.sleep(0.2)
-
-
-def assert_counters_match_the_table(db_path) -> None:
-    counters, keys = db_counters(db_path), table_keys(db_path)
-    assert len(keys) == len(set(keys)) == counters["unique_processed"]
-    assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
 
 
 def test_database_over_its_quota_answers_503_stays_up_and_recovers_when_lifted(

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import event
+from tests.helpers import assert_counters_match_the_table, event
 
 PROPERTY = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -72,17 +72,6 @@ def test_chunked_body_is_bounded_while_reading(gunicorn, db_path):
         assert conn.execute("SELECT event_id FROM events").fetchall() == [("chunked",)]
 
 
-def counters_agree(db_path) -> None:
-    with sqlite3.connect(db_path) as conn:
-        counters = dict(conn.execute("SELECT name, value FROM counters"))
-        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-        topics = dict(conn.execute("SELECT topic, count FROM topic_counts"))
-        actual = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
-    assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
-    assert counters["unique_processed"] == stored
-    assert {t: c for t, c in topics.items() if c} == actual
-
-
 # Controls and lone surrogates included: JSON's \u escapes let both through the parser.
 any_char = st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"])
 any_text = st.text(any_char, max_size=12)
@@ -121,7 +110,7 @@ def test_any_json_body_gets_200_or_a_4xx_and_counts_stay_exact(client, db_path, 
     assert response.is_json
     if response.status_code >= 400:
         assert response.json["error"] and response.json["message"]
-    counters_agree(db_path)
+    assert_counters_match_the_table(db_path)
 
 
 @PROPERTY
@@ -133,7 +122,7 @@ def test_any_bytes_get_200_or_a_4xx(client, db_path, data, content_type, encodin
     response = client.post("/publish", data=data, content_type=content_type, headers=headers)
     assert 200 <= response.status_code < 500 and response.status_code not in (201, 204)
     assert response.is_json
-    counters_agree(db_path)
+    assert_counters_match_the_table(db_path)
 
 
 namespace = itertools.count()
