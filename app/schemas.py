@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 from datetime import UTC, datetime, timedelta
+from json.encoder import c_make_encoder, encode_basestring
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, validate
 
-from .store.base import Batch
+from .store.base import Batch, Row
 
 NAME_MAX = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -20,8 +20,18 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Already UTC and in the form we store: the text needs no rebuilding.
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z")
-# allow_nan=False: 1e400 parses as inf, which has no JSON form to hand back to readers.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# Compact JSON, non-ASCII kept as is; allow_nan=False: 1e400 parses as inf, which has no
+# JSON form to hand back to readers. The C encoder json.dumps would build on every call is
+# built once (a third of the cost of encoding a small payload); no cycle check, since
+# parsed JSON has no cycles.
+_ENCODE = c_make_encoder(None, None, encode_basestring, None, ":", ",", False, False, False)
+# Anything a stored string must not hold: control characters, lone surrogates.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def encode_json(value: object) -> str:
+    """Return the compact JSON text of parsed JSON; ValueError for an infinite number."""
+    return "".join(_ENCODE(value, 0))
 
 
 def _moment(value: object) -> datetime:
@@ -123,7 +133,7 @@ class Payload(_Checked):
         if not isinstance(value, dict):
             raise ValidationError("Must be a JSON object.")
         try:
-            text = _ENCODER.encode(value)
+            text = encode_json(value)
         except ValueError:
             raise ValidationError("Numbers must be finite (1e400 overflows to infinity).") from None
         if _SURROGATE.search(text):
@@ -148,13 +158,6 @@ class EventSchema(Schema):
     source = Name(required=True)
     payload = Payload(max_bytes=64 * 1024, load_default="{}", metadata={
         "description": "Any JSON object, at most 64 KiB serialised (configurable)."})
-
-
-def make_event_schema(max_payload: int) -> EventSchema:
-    """Build the event schema once per app, with its payload size limit."""
-    schema = EventSchema()
-    schema.fields["payload"].max_bytes = max_payload
-    return schema
 
 
 class EventOutSchema(Schema):
@@ -261,8 +264,129 @@ class EventsQuerySchema(Schema):
     order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
 
 
+class _Column(fields.Field):
+    """One field of every event of a batch, checked in one pass over the column.
+
+    A column either passes whole or raises; the per-event EventSchema then names each
+    problem. So every message, and every decision about an event that is not plainly
+    valid, is EventSchema's: a column only accepts what EventSchema would accept, and
+    loads it to the same values (tests/test_validation.py holds them to that).
+    """
+
+    def deserialize(self, value, attr=None, data=None, **kwargs):
+        return self._deserialize(value, attr, data, **kwargs)
+
+
+class _NameColumn(_Column):
+    def _deserialize(self, values, attr, data, **kwargs):
+        if set(map(type, values)) - {str}:
+            raise ValidationError("not all strings")
+        lengths = set(map(len, values))
+        if min(lengths) < 1 or max(lengths) > NAME_MAX:
+            raise ValidationError("a length out of range")
+        if _UNSAFE.search("".join(values)):
+            raise ValidationError("an unsafe character")
+        return values
+
+
+class _TimestampColumn(_Column):
+    def _deserialize(self, values, attr, data, **kwargs):
+        return [parse_timestamp(value) for value in values]
+
+
+class _PayloadColumn(_Column):
+    def __init__(self, max_bytes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
+
+    def _deserialize(self, values, attr, data, **kwargs):
+        if set(map(type, values)) - {dict, _NoPayload}:
+            raise ValidationError("not all objects")
+        try:
+            texts = ["".join(_ENCODE(value, 0)) for value in values]
+        except ValueError:
+            raise ValidationError("an infinite number") from None
+        if _SURROGATE.search("".join(texts)):
+            raise ValidationError("a lone surrogate")
+        if max(map(len, texts)) * 4 > self.max_bytes and any(
+                len(text.encode()) > self.max_bytes for text in texts):
+            raise ValidationError("a payload over the limit")
+        return texts
+
+
+class _NoPayload(dict):
+    """Stands for an absent payload in its column: it encodes as the default, {}."""
+
+
+_NO_PAYLOAD = _NoPayload()
+
+
+class EventColumnsSchema(Schema):
+    """Every event of a batch at once, one column per field of EventSchema."""
+
+    class Meta:
+        unknown = RAISE
+
+    topic = _NameColumn(required=True)
+    event_id = _NameColumn(required=True)
+    timestamp = _TimestampColumn(required=True)
+    source = _NameColumn(required=True)
+    payload = _PayloadColumn(max_bytes=64 * 1024, required=True)
+
+    @staticmethod
+    def columns_of(raw_events: list) -> dict[str, tuple] | None:
+        """Return the batch as columns, or None unless every event is an object with
+        exactly EventSchema's fields (payload optional)."""
+        try:
+            rows = [(e["topic"], e["event_id"], e["timestamp"], e["source"],
+                     e.get("payload", _NO_PAYLOAD))
+                    for e in raw_events if type(e) is dict and len(e) == 5 - ("payload" not in e)]
+        except KeyError:
+            return None
+        if len(rows) != len(raw_events) or not rows:
+            return None
+        return dict(zip(("topic", "event_id", "timestamp", "source", "payload"),
+                        zip(*rows, strict=True), strict=True))
+
+
+def make_event_schema(max_payload: int) -> EventSchema:
+    """Build the event schemas once per app, with their payload size limit."""
+    schema = EventSchema()
+    schema.fields["payload"].max_bytes = max_payload
+    schema.columns = EventColumnsSchema()
+    schema.columns.fields["payload"].max_bytes = max_payload
+    return schema
+
+
 def build_batch(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
-    """Validate the raw events; return the valid ones as a Batch and the errors by index."""
+    """Validate the raw events; return the valid ones as a Batch and the errors by index.
+
+    A batch whose every event is plainly valid is checked a column at a time (a third of
+    the cost); any other batch goes through EventSchema event by event, which names
+    every problem.
+    """
+    rows = load_by_column(raw_events, schema)
+    if rows is not None:
+        return Batch(rows), {}
+    return load_by_event(raw_events, schema)
+
+
+def load_by_column(raw_events: list, schema: EventSchema) -> list[Row] | None:
+    """Return the rows of a batch whose every event is valid, else None."""
+    columns = schema.columns.columns_of(raw_events)
+    if columns is None:
+        return None
+    try:
+        loaded = schema.columns.load(columns)
+    except ValidationError:
+        return None
+    return list(zip(loaded["topic"], loaded["event_id"],
+                    *zip(*loaded["timestamp"], strict=True), loaded["source"], loaded["payload"],
+                    strict=True))
+
+
+def load_by_event(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
+    """Validate event by event: the valid events as a Batch, and each error by index."""
     try:
         loaded, errors = schema.load(raw_events, many=True), {}
     except ValidationError as exc:
