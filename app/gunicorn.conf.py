@@ -50,6 +50,16 @@ limit_request_line = 8190
 # Several instances (tests, replicas) may share a HOME; nothing here uses the control socket.
 control_socket_disable = True
 
+# A keep-alive connection stays with the worker that accepted it, so a few long-lived
+# publishers can load one worker while another idles (half the throughput; see
+# ../shared/MEASURED.md). Each connection is closed after this many requests, like nginx's
+# keepalive_requests: the client reconnects at once (urllib3, http.client do), and the
+# new connection goes to whichever worker accepts first, the less busy one.
+# 20 kept a 4-connection publisher's load within [1.8, 1.6] CPU seconds across two workers
+# where unlimited keep-alive gave [1.0, 2.7] (bench/ingest.py --clients 4); SO_REUSEPORT
+# (the kernel hashing connections over per-worker sockets) balanced worse, [1.1, 2.5].
+KEEPALIVE_REQUESTS = 20
+
 # --- Logging ---
 # JSON lines on stdout. The app writes the access lines itself (with request id and
 # event counts), so gunicorn's own access log stays off.
@@ -76,6 +86,12 @@ def on_starting(server):
     from app.metrics import prepare_multiprocess_dir
 
     prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def pre_request(worker, req):
+    """Close the connection after this request once it has served KEEPALIVE_REQUESTS."""
+    if req.req_number >= KEEPALIVE_REQUESTS:
+        req.force_close()
 
 
 def worker_exit(server, worker):

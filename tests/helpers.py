@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -94,6 +95,11 @@ class GunicornServer:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"gunicorn did not become healthy: {self.log_path.read_text()[-2000:]}")
+
+    def log_records(self) -> list[dict]:
+        """Return the server's JSON log lines so far, parsed (other lines are skipped)."""
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()
+                if line.startswith("{")]
 
     def terminate(self, timeout: float = 40.0) -> int:
         """Send SIGTERM to the master and return its exit code."""

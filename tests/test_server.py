@@ -221,3 +221,20 @@ def test_database_is_wal_with_the_dedup_key(gunicorn, db_path):
             conn.execute("INSERT INTO events (topic, event_id, ts, timestamp, source, payload,"
                          " received_at) VALUES ('t', 'e', 1, 'y', 's', '{}', 'r')")
         conn.rollback()
+
+
+def test_one_keep_alive_publisher_is_served_by_every_worker(gunicorn):
+    """A connection is closed after KEEPALIVE_REQUESTS requests, so a publisher that keeps
+    one connection open reconnects and reaches the other worker too."""
+    server = gunicorn(workers=2)
+    session = requests.Session()
+    closes = 0
+    for n in range(200):
+        answer = session.post(server.url + "/publish", json=[event(f"k{n}")], timeout=10)
+        assert answer.status_code == 200
+        closes += answer.headers.get("Connection", "").lower() == "close"
+    session.close()
+    assert closes == 200 // 20
+    pids = Counter(entry["pid"] for entry in server.log_records()
+                   if entry.get("path") == "/publish")
+    assert sum(pids.values()) == 200 and len(pids) == 2, pids
