@@ -26,3 +26,17 @@ CREATE TABLE IF NOT EXISTS topic_counts (
     topic TEXT PRIMARY KEY,
     count INTEGER NOT NULL
 );
+
+-- For GET /events?source=...: the events of one source in ingestion order.
+CREATE INDEX IF NOT EXISTS events_source_seq ON events (source, seq);
+-- For a time range that holds few events, wherever they were ingested.
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+
+-- A block-range summary, like PostgreSQL's BRIN: the bounds of the event timestamps of
+-- each block of 4096 sequence numbers. A time range that holds many events is read
+-- block by block, skipping every block whose bounds miss it.
+CREATE TABLE IF NOT EXISTS event_blocks (
+    block  INTEGER PRIMARY KEY,
+    min_ts INTEGER NOT NULL,
+    max_ts INTEGER NOT NULL
+);

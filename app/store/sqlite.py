@@ -31,6 +31,20 @@ _ADD_TOPICS = (
     " ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count"
 )
 _COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
+# event_blocks: a block holds the sequence numbers seq >> BLOCK_BITS.
+BLOCK_BITS = 12
+_WIDEN_BLOCK = (
+    "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
+    " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
+)
+_SUMMARISE_BLOCKS = (
+    f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
+    " FROM events WHERE NOT EXISTS (SELECT 1 FROM event_blocks) GROUP BY 1"
+)
+# A time range matching fewer events than this is read through events_ts and sorted;
+# a wider one block by block through event_blocks.
+TS_INDEX_ROWS = 10_000
+_TS_INF = 2**63 - 1
 
 
 def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
@@ -59,6 +73,21 @@ def translated_errors():
         yield
     except sqlite3.Error as exc:
         raise _translate(exc) from exc
+
+
+def _runs(blocks: list[int], descending: bool):
+    """Yield (lowest, highest) of each run of consecutive blocks, in the order given."""
+    step = -1 if descending else 1
+    run = None
+    for block in blocks:
+        if run is not None and block == run[1] + step:
+            run[1] = block
+            continue
+        if run is not None:
+            yield min(run), max(run)
+        run = [block, block]
+    if run is not None:
+        yield min(run), max(run)
 
 
 class SQLiteWriter(Writer):
@@ -108,6 +137,13 @@ class SQLiteWriter(Writer):
                 (received - unique, "duplicate_dropped"),
                 (sum(batch.rejected for batch in batches), "rejected")])
             if unique:
+                # Every new row has a seq in last_seq+1 .. last_seq+unique; their blocks
+                # are widened to the timestamps of every row sent (a superset is safe).
+                stamps = [row[2] for batch in batches for row in batch.rows]
+                low, high = min(stamps), max(stamps)
+                cur.executemany(_WIDEN_BLOCK, [
+                    (block, low, high) for block in range((last_seq + 1) >> BLOCK_BITS,
+                                                          ((last_seq + unique) >> BLOCK_BITS) + 1)])
                 topics = {row[0] for batch in batches for row in batch.rows}
                 added = [(topic, cur.execute(_NEW_IN_TOPIC, (topic, last_seq)).fetchone()[0])
                          for topic in topics]
@@ -144,7 +180,8 @@ class SQLiteStore(Store):
             try:
                 # Switching to WAL is persistent and idempotent; it needs no open transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(f"BEGIN IMMEDIATE; {schema} COMMIT;")
+                # A database from before event_blocks gets its summary built once.
+                conn.executescript(f"BEGIN IMMEDIATE; {schema} {_SUMMARISE_BLOCKS}; COMMIT;")
             finally:
                 conn.close()
 
@@ -176,21 +213,69 @@ class SQLiteStore(Store):
                         values["duplicate_dropped"], values["rejected"], topics)
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
-        """Return up to query.limit events after the cursor, oldest or newest first."""
+        """Return up to query.limit events after the cursor, oldest or newest first.
+
+        Every plan reads a bounded number of rows for a page at any depth: a topic or a
+        source through its (name, seq) index; a time range through events_ts when it holds
+        few events (at most TS_INDEX_ROWS to sort), else only the blocks of event_blocks
+        whose timestamps overlap it.
+        """
+        with translated_errors():
+            conn = self._reader()
+            if query.since is None and query.until is None:
+                return self._select(conn, query)
+            low = -_TS_INF if query.since is None else query.since
+            high = _TS_INF if query.until is None else query.until
+            (count,) = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM events INDEXED BY events_ts"
+                " WHERE ts >= ? AND ts < ? LIMIT ?)", (low, high, TS_INDEX_ROWS)).fetchone()
+            if count < TS_INDEX_ROWS:
+                return self._select(conn, query, ts_index=True)
+            return self._by_block(conn, query, low, high)
+
+    def _by_block(self, conn: sqlite3.Connection, query: EventQuery, low: int,
+                  high: int) -> list[StoredEvent]:
+        """Read the blocks whose timestamps overlap [low, high), in order, until full."""
+        if query.descending:
+            bound = "block <= ?" if query.after is not None else "1"
+            order = "DESC"
+        else:
+            bound = "block >= ?" if query.after is not None else "1"
+            order = "ASC"
+        params = [high, low] + ([query.after >> BLOCK_BITS] if query.after is not None else [])
+        blocks = conn.execute(f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ?"
+                              f" AND {bound} ORDER BY block {order}", params).fetchall()
+        found: list[StoredEvent] = []
+        for start, end in _runs([block for (block,) in blocks], query.descending):
+            seqs = (start << BLOCK_BITS, ((end + 1) << BLOCK_BITS) - 1)
+            found += self._select(conn, query, seqs=seqs, limit=query.limit - len(found))
+            if len(found) == query.limit:
+                break
+        return found
+
+    def _select(self, conn: sqlite3.Connection, query: EventQuery, *, ts_index: bool = False,
+                seqs: tuple[int, int] | None = None, limit: int | None = None
+                ) -> list[StoredEvent]:
+        # "+ts" keeps SQLite off events_ts unless this plan chose it.
+        ts = "ts" if ts_index else "+ts"
         where, params = [], []
         for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
-                                  ("ts", ">=", query.since), ("ts", "<", query.until),
+                                  (ts, ">=", query.since), (ts, "<", query.until),
                                   ("seq", "<" if query.descending else ">", query.after)):
             if value is not None:
                 where.append(f"{column} {op} ?")
                 params.append(value)
+        if seqs is not None:
+            where.append("seq BETWEEN ? AND ?")
+            params += seqs
         sql = f"SELECT {_COLUMNS} FROM events"
+        if ts_index:
+            sql += " INDEXED BY events_ts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
-        params.append(query.limit)
-        with translated_errors():
-            return [StoredEvent(*row) for row in self._reader().execute(sql, params)]
+        params.append(query.limit if limit is None else limit)
+        return [StoredEvent(*row) for row in conn.execute(sql, params)]
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers a read."""
