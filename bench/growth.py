@@ -113,6 +113,12 @@ def query_latencies(db_path: Path, stored: int, repeat: int) -> tuple[dict, floa
             "since+until: 1 hour, middle": (
                 f"/events?since={iso(BASE_TS + stored // 2 * 10_000)}"
                 f"&until={iso(BASE_TS + stored // 2 * 10_000 + 3_600 * 10**6)}"),
+            "since+until: 1 hour, middle, newest first": (
+                f"/events?since={iso(BASE_TS + stored // 2 * 10_000)}"
+                f"&until={iso(BASE_TS + stored // 2 * 10_000 + 3_600 * 10**6)}&order=desc"),
+            "since+until: 1 hour 10 days back (replays only)": (
+                f"/events?since={iso(BASE_TS - 10 * day)}"
+                f"&until={iso(BASE_TS - 10 * day + 3_600 * 10**6)}"),
             "until: 1 day before the stream (replays only)": f"/events?until={iso(BASE_TS)}",
             "since far future (no match)": "/events?since=2100-01-01T00:00:00Z",
             "since 1 day, desc, from the end": (

@@ -41,9 +41,6 @@ _SUMMARISE_BLOCKS = (
     f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
     " FROM events WHERE NOT EXISTS (SELECT 1 FROM event_blocks) GROUP BY 1"
 )
-# A time range matching fewer events than this is read through events_ts and sorted;
-# a wider one block by block through event_blocks.
-TS_INDEX_ROWS = 10_000
 _TS_INF = 2**63 - 1
 
 
@@ -215,10 +212,11 @@ class SQLiteStore(Store):
     def events(self, query: EventQuery) -> list[StoredEvent]:
         """Return up to query.limit events after the cursor, oldest or newest first.
 
-        Every plan reads a bounded number of rows for a page at any depth: a topic or a
-        source through its (name, seq) index; a time range through events_ts when it holds
-        few events (at most TS_INDEX_ROWS to sort), else only the blocks of event_blocks
-        whose timestamps overlap it.
+        A page reads rows in sequence order from the cursor on: through the (topic, seq) or
+        (source, seq) index for those filters, and for a time range only within the blocks
+        of event_blocks whose timestamps overlap it. So a page costs about its own size at
+        any depth, unless the filters match few of the rows they leave to read (see
+        README, Performance, for the cases measured).
         """
         with translated_errors():
             conn = self._reader()
@@ -226,11 +224,6 @@ class SQLiteStore(Store):
                 return self._select(conn, query)
             low = -_TS_INF if query.since is None else query.since
             high = _TS_INF if query.until is None else query.until
-            (count,) = conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM events INDEXED BY events_ts"
-                " WHERE ts >= ? AND ts < ? LIMIT ?)", (low, high, TS_INDEX_ROWS)).fetchone()
-            if count < TS_INDEX_ROWS:
-                return self._select(conn, query, ts_index=True)
             return self._by_block(conn, query, low, high)
 
     def _by_block(self, conn: sqlite3.Connection, query: EventQuery, low: int,
@@ -253,14 +246,12 @@ class SQLiteStore(Store):
                 break
         return found
 
-    def _select(self, conn: sqlite3.Connection, query: EventQuery, *, ts_index: bool = False,
+    def _select(self, conn: sqlite3.Connection, query: EventQuery, *,
                 seqs: tuple[int, int] | None = None, limit: int | None = None
                 ) -> list[StoredEvent]:
-        # "+ts" keeps SQLite off events_ts unless this plan chose it.
-        ts = "ts" if ts_index else "+ts"
         where, params = [], []
         for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
-                                  (ts, ">=", query.since), (ts, "<", query.until),
+                                  ("ts", ">=", query.since), ("ts", "<", query.until),
                                   ("seq", "<" if query.descending else ">", query.after)):
             if value is not None:
                 where.append(f"{column} {op} ?")
@@ -269,8 +260,6 @@ class SQLiteStore(Store):
             where.append("seq BETWEEN ? AND ?")
             params += seqs
         sql = f"SELECT {_COLUMNS} FROM events"
-        if ts_index:
-            sql += " INDEXED BY events_ts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
