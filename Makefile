@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DATABASE_URL ?= sqlite:///data/dedup.db
 
-.PHONY: venv run publish test lint bench soak clean
+.PHONY: venv run publish test lint bench bench-growth soak clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,18 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
-## bench: end-to-end ingest vs the in-process ceiling, medians of 3 runs
+## bench: ingest in batches of 500 (vs the in-process ceiling) and of 10, latency against
+## offered load, the publisher CLI's memory (~3 min; figures in bench/results, plots in bench/figures)
 bench: venv
 	$(BIN)/python -m bench.ingest --runs 3
+	$(BIN)/python -m bench.ingest --runs 3 --batch-size 10 --events 40000 --skip-ceiling \
+		--json bench/results/ingest-10.json
+	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.publisher_rss
+
+## bench-growth: fill the store to 10 million events, timing ingest and reads on the way (~10 min, 3 GB disk)
+bench-growth: venv
+	$(BIN)/python -m bench.growth
 
 ## soak: 5 cycles of load + SIGKILL of the whole server + restart, then audit the database
 soak: venv
