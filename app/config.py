@@ -29,7 +29,7 @@ class Config:
     writers: int = 1
     commit_timeout: float = 30.0
     web_concurrency: int = 2
-    threads: int = 8
+    threads: int = 16
     bind: str = "0.0.0.0:8080"
     graceful_timeout: int = 30
     metrics_dir: str | None = None

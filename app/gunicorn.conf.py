@@ -34,9 +34,12 @@ bind = _config.bind
 # --- Workers ---
 # gthread: request threads wait on the writer's commit, so threads are cheap
 # waiters; processes give CPU parallelism for JSON parsing and validation.
-# Defaults (2 workers x 8 threads, 1 writer each; app/config.py) come from a grid run
-# with bench/ingest.py on 2 cores: 3 or 4 workers and 2 writers per worker were no
-# faster (SQLite takes one writer at a time) and used more memory.
+# Defaults (2 workers x 16 threads, 1 writer each; app/config.py) come from a grid run
+# with bench/ingest.py on 2 cores (events/s, 2 runs each, 16 keep-alive clients):
+# 2 workers x 8 threads 80,604 / 77,874; 3 x 8 77,486 / 74,488 (RSS 159 MiB);
+# 4 x 8 73,944 / 77,297 (RSS 200 MiB); 2 x 16 80,686 / 87,028. More threads than a
+# worker's share of connections cover the moments when recycled connections (below)
+# land unevenly; more workers only add memory, since SQLite takes one writer at a time.
 worker_class = "gthread"
 workers = _config.web_concurrency
 threads = _config.threads
