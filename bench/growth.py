@@ -19,11 +19,19 @@ import json
 import os
 import random
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Server, make_bodies, make_events, median, percentile, rss_kib
+from bench.common import (
+    ROOT,
+    PeakRss,
+    Server,
+    make_bodies,
+    make_events,
+    median,
+    percentile,
+    save_plot,
+)
 from bench.ingest import end_to_end
 
 FILL_COMMIT = 20_000
@@ -77,14 +85,7 @@ def _timed_get(port: int, path: str, repeat: int, html: bool = False) -> list[fl
 def query_latencies(db_path: Path, stored: int, repeat: int) -> tuple[dict, float]:
     """Time /stats and /events pages against a real server; return them and peak RSS."""
     server = Server(db_path)
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], sum(rss_kib(pid) for pid in server.pids()))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    rss = PeakRss(server)
     try:
         port = server.port
         # Cursors deep in the store (paging there, as a client would, takes thousands of
@@ -133,10 +134,9 @@ def query_latencies(db_path: Path, stored: int, repeat: int) -> tuple[dict, floa
             results[name] = {"p50_ms": median(times), "p99_ms": percentile(times, 0.99),
                              "max_ms": max(times)}
     finally:
-        stop.set()
-        sampler.join()
+        peak_mib = rss.stop()
         server.stop()
-    return results, peak[0] / 1024
+    return results, peak_mib
 
 
 def database_bytes(db_path: Path) -> int:
@@ -175,13 +175,8 @@ def plot(sizes: list[int], rates: list[float], path: Path) -> None:
     ax.set_xlabel("events already stored (millions)")
     ax.set_ylabel("end-to-end ingest (events/s)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Ingest as the store grows (batches of 500, 25% duplicates, 2 cores)")
     ax.legend(loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, "Ingest as the store grows (batches of 500, 25% duplicates, 2 cores)")
 
 
 def main() -> None:

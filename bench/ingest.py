@@ -12,19 +12,18 @@ import json
 import multiprocessing as mp
 import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from bench.common import (
     ROOT,
+    PeakRss,
     Server,
     cpu_seconds,
     make_bodies,
     make_events,
     median,
     percentile,
-    rss_kib,
 )
 
 
@@ -92,21 +91,13 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_before = before.ru_utime + before.ru_stime
         cpu_before = {pid: cpu_seconds(pid) for pid in workers}
-        peak, sampling = [0], threading.Event()
-
-        def sample() -> None:
-            while not sampling.wait(0.05):
-                peak[0] = max(peak[0], sum(rss_kib(pid) for pid in server.pids()))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+        rss = PeakRss(server)
         time.sleep(0.5)
         start = time.perf_counter()
         go.set()
         results = [out.get() for _ in procs]
         elapsed = time.perf_counter() - start
-        sampling.set()
-        sampler.join()
+        peak_mib = rss.stop()
         for proc in procs:
             proc.join()
         client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -122,7 +113,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
     return {"events_per_s": events / elapsed, "elapsed_s": elapsed,
             "p50_ms": percentile(latencies, 0.50) * 1000,
             "p99_ms": percentile(latencies, 0.99) * 1000,
-            "peak_rss_mib": peak[0] / 1024, "worker_cpu_s": cpu,
+            "peak_rss_mib": peak_mib, "worker_cpu_s": cpu,
             "client_cpu_s": round(client_cpu.ru_utime + client_cpu.ru_stime - client_before, 2),
             "retries": sum(r[1] for r in results), "statuses": statuses,
             "stored": stats["unique_processed"], "duplicates": stats["duplicate_dropped"]}

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Server, make_bodies, make_events, median, percentile
+from bench.common import ROOT, Server, make_bodies, make_events, median, percentile, save_plot
 
 HEADERS = {"Content-Type": "application/json"}
 
@@ -92,13 +92,8 @@ def plot(rows: list[dict], path: Path, batch: int) -> None:
     ax.set_xlabel("offered load (events/s)")
     ax.set_ylabel("/publish latency (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"Latency against offered load (batches of {batch}, 2 cores)")
     ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, f"Latency against offered load (batches of {batch}, 2 cores)")
 
 
 def main() -> None:
