@@ -39,7 +39,7 @@ _WIDEN_BLOCK = (
 )
 _SUMMARISE_BLOCKS = (
     f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
-    " FROM events WHERE NOT EXISTS (SELECT 1 FROM event_blocks) GROUP BY 1"
+    " FROM events GROUP BY 1"
 )
 _TS_INF = 2**63 - 1
 
@@ -177,8 +177,13 @@ class SQLiteStore(Store):
             try:
                 # Switching to WAL is persistent and idempotent; it needs no open transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
-                # A database from before event_blocks gets its summary built once.
-                conn.executescript(f"BEGIN IMMEDIATE; {schema} {_SUMMARISE_BLOCKS}; COMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE; {schema}")
+                # A database from before event_blocks gets its summary built, once.
+                (older,) = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM event_blocks)"
+                                        " AND EXISTS (SELECT 1 FROM events)").fetchone()
+                if older:
+                    conn.execute(_SUMMARISE_BLOCKS)
+                conn.execute("COMMIT")
             finally:
                 conn.close()
 
@@ -224,7 +229,12 @@ class SQLiteStore(Store):
                 return self._select(conn, query)
             low = -_TS_INF if query.since is None else query.since
             high = _TS_INF if query.until is None else query.until
-            return self._by_block(conn, query, low, high)
+            # One snapshot for the block list and every block read after it.
+            conn.execute("BEGIN")
+            try:
+                return self._by_block(conn, query, low, high)
+            finally:
+                conn.execute("COMMIT")
 
     def _by_block(self, conn: sqlite3.Connection, query: EventQuery, low: int,
                   high: int) -> list[StoredEvent]:
