@@ -34,6 +34,12 @@ def encode_json(value: object) -> str:
     return "".join(_ENCODE(value, 0))
 
 
+def _longer_than(text: str, max_bytes: int) -> bool:
+    """Return whether text is over max_bytes in UTF-8 (encoded only when it could be)."""
+    # A str of n characters encodes to at most 4n UTF-8 bytes.
+    return len(text) * 4 > max_bytes and len(text.encode()) > max_bytes
+
+
 def _moment(value: object) -> datetime:
     """Return the aware datetime of an ISO 8601 string with an offset, or raise."""
     if not isinstance(value, str) or not value:
@@ -138,8 +144,7 @@ class Payload(_Checked):
             raise ValidationError("Numbers must be finite (1e400 overflows to infinity).") from None
         if _SURROGATE.search(text):
             raise ValidationError("Strings must be valid Unicode (no lone surrogate escapes).")
-        # A str of n characters encodes to at most 4n UTF-8 bytes: encode only when it matters.
-        if len(text) * 4 > self.max_bytes and len(text.encode()) > self.max_bytes:
+        if _longer_than(text, self.max_bytes):
             raise ValidationError(
                 f"Payload is larger than {self.max_bytes} bytes once serialised.")
         return text
@@ -303,13 +308,14 @@ class _PayloadColumn(_Column):
         if set(map(type, values)) - {dict, _NoPayload}:
             raise ValidationError("not all objects")
         try:
-            texts = ["".join(_ENCODE(value, 0)) for value in values]
+            texts = list(map(encode_json, values))
         except ValueError:
             raise ValidationError("an infinite number") from None
         if _SURROGATE.search("".join(texts)):
             raise ValidationError("a lone surrogate")
+        # One look at the longest text spares the per-text check in the common case.
         if max(map(len, texts)) * 4 > self.max_bytes and any(
-                len(text.encode()) > self.max_bytes for text in texts):
+                _longer_than(text, self.max_bytes) for text in texts):
             raise ValidationError("a payload over the limit")
         return texts
 

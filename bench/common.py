@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -130,6 +131,42 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
+
+
+class Poster:
+    """One keep-alive connection that POSTs each body to /publish until it gets a 200.
+
+    A connection error reconnects, a refusal (429, 503) waits its Retry-After; both count
+    as retries, and every status answered is tallied.
+    """
+
+    HEADERS = {"Content-Type": "application/json"}
+
+    def __init__(self, port: int):
+        self.port, self.retries, self.statuses = port, 0, {}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post(self, body: bytes) -> float:
+        """Send body until it is accepted; return the seconds the accepted attempt took."""
+        while True:
+            start = time.perf_counter()
+            try:
+                self.conn.request("POST", "/publish", body, self.HEADERS)
+                response = self.conn.getresponse()
+                response.read()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                self.retries += 1
+                continue
+            self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+            if response.status == 200:
+                return time.perf_counter() - start
+            self.retries += 1
+            time.sleep(float(response.getheader("Retry-After") or 0.05))
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class PeakRss:

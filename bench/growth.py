@@ -199,7 +199,7 @@ def main() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         db_path = directory / "growth.db"
         unique = round(args.probe_events * 0.75)
-        stored, sizes, rates, steps, seed = 0, [], [], [], 100
+        stored, steps, seed = 0, [], 100
         targets = list(range(args.step, args.events + 1, args.step))
         while True:
             workloads = []
@@ -209,11 +209,10 @@ def main() -> None:
                                                          seed=seed), 500))
             result = probe(db_path, workloads, args.probe_events, unique, args.clients, stored)
             stored += unique * args.probes
-            sizes.append(stored)
-            rates.append(result["events_per_s"])
             steps.append({"stored": stored, **result})
             print(f"{stored:>11,} stored | ingest {result['events_per_s']:>9,.0f} ev/s "
-                  f"(runs {result['runs']}) | {result['events_per_s'] / rates[0]:.0%} of empty | "
+                  f"(runs {result['runs']}) | "
+                  f"{result['events_per_s'] / steps[0]['events_per_s']:.0%} of empty | "
                   f"p99 {result['p99_ms']:.0f} ms | peak RSS {result['peak_rss_mib']:.0f} MiB",
                   flush=True)
             if stored >= args.events:
@@ -224,6 +223,7 @@ def main() -> None:
             print(f"  filled to {stored:,} through the writer at {rate:,.0f} ev/s", flush=True)
         size = database_bytes(db_path)
         latencies, query_rss = query_latencies(db_path, stored, args.repeat)
+    rates = [step["events_per_s"] for step in steps]
 
     print(f"\nAt {stored:,} events: database {size / 2**30:.2f} GiB, {size / stored:.0f} bytes "
           f"per event; ingest {rates[-1] / rates[0]:.0%} of the empty-store rate "
@@ -242,7 +242,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps,
         "database_bytes": size, "bytes_per_event": size / stored, "latencies": latencies,
         "peak_rss_mib": peak, "ratio_full_to_empty": rates[-1] / rates[0]}, indent=2))
-    plot(sizes, rates, args.plot)
+    plot([step["stored"] for step in steps], rates, args.plot)
     print(f"wrote {args.json} and {args.plot}")
 
 

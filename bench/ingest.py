@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.common import (
     ROOT,
     PeakRss,
+    Poster,
     Server,
     cpu_seconds,
     make_bodies,
@@ -50,30 +51,11 @@ def ceiling(bodies: list[bytes], db_path: Path) -> float:
 
 def _client(port: int, bodies: list[bytes], go, out) -> None:
     """Send bodies over one keep-alive connection; report latencies and retries."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
-    latencies, retries, statuses = [], 0, {}
+    poster = Poster(port)
     go.wait()
-    for body in bodies:
-        while True:
-            start = time.perf_counter()
-            try:
-                conn.request("POST", "/publish", body, headers)
-                response = conn.getresponse()
-                response.read()
-            except (http.client.HTTPException, OSError):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                retries += 1
-                continue
-            statuses[response.status] = statuses.get(response.status, 0) + 1
-            if response.status == 200:
-                latencies.append(time.perf_counter() - start)
-                break
-            retries += 1
-            time.sleep(float(response.getheader("Retry-After") or 0.05))
-    conn.close()
-    out.put((latencies, retries, statuses))
+    latencies = [poster.post(body) for body in bodies]
+    poster.close()
+    out.put((latencies, poster.retries, poster.statuses))
 
 
 def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,

@@ -12,51 +12,43 @@ Prints a table, writes bench/results/latency.json and bench/figures/latency.png.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Server, make_bodies, make_events, median, percentile, save_plot
-
-HEADERS = {"Content-Type": "application/json"}
-
-
-def _send(conn: http.client.HTTPConnection, port: int, body: bytes):
-    """POST one body until it gets a 200; return the (possibly new) connection."""
-    while True:
-        try:
-            conn.request("POST", "/publish", body, HEADERS)
-            response = conn.getresponse()
-            response.read()
-        except (http.client.HTTPException, OSError):
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            continue
-        if response.status == 200:
-            return conn
-        time.sleep(float(response.getheader("Retry-After") or 0.05))
+from bench.common import (
+    ROOT,
+    Poster,
+    Server,
+    make_bodies,
+    make_events,
+    median,
+    percentile,
+    save_plot,
+)
 
 
 def _client(port: int, bodies: list[bytes], interval: float | None, start: float, out) -> None:
     """Send bodies: back to back (interval None) or each at start + n * interval."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    poster = Poster(port)
     latencies = []
     while time.time() < start:
         time.sleep(0.001)
     for n, body in enumerate(bodies):
-        scheduled = time.perf_counter() if interval is None else None
-        if interval is not None:
+        if interval is None:
+            scheduled = time.perf_counter()
+        else:
             due = start + n * interval
             wait = due - time.time()
             if wait > 0:
                 time.sleep(wait)
+            # Charged from when it was due, even if this client is running late.
             scheduled = time.perf_counter() - max(0.0, time.time() - due)
-        conn = _send(conn, port, body)
+        poster.post(body)
         latencies.append(time.perf_counter() - scheduled)
-    conn.close()
+    poster.close()
     out.put(latencies)
 
 

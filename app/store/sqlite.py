@@ -239,13 +239,12 @@ class SQLiteStore(Store):
     def _by_block(self, conn: sqlite3.Connection, query: EventQuery, low: int,
                   high: int) -> list[StoredEvent]:
         """Read the blocks whose timestamps overlap [low, high), in order, until full."""
-        if query.descending:
-            bound = "block <= ?" if query.after is not None else "1"
-            order = "DESC"
+        order, bound = ("DESC", "block <= ?") if query.descending else ("ASC", "block >= ?")
+        params = [high, low]
+        if query.after is None:
+            bound = "1"
         else:
-            bound = "block >= ?" if query.after is not None else "1"
-            order = "ASC"
-        params = [high, low] + ([query.after >> BLOCK_BITS] if query.after is not None else [])
+            params.append(query.after >> BLOCK_BITS)
         blocks = conn.execute(f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ?"
                               f" AND {bound} ORDER BY block {order}", params).fetchall()
         found: list[StoredEvent] = []
