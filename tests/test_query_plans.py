@@ -67,6 +67,8 @@ QUERIES = [
     {"since": 0, "until": EVENTS * 10**6 // 2},  # many events
     {"since": EVENTS * 10**6 // 4},
     {"until": EVENTS * 10**6 // 3, "topic": "t0"},
+    {"since": 20_000 * 10**6, "until": 21_000 * 10**6},  # replays only: a few in every block
+    {"since": 20_000 * 10**6, "until": 20_050 * 10**6},  # a few replays, in a busy bucket
     {"since": 10**18},  # nothing
     {"since": 5000 * 10**6, "until": 5000 * 10**6 + 1, "source": "s0"},
 ]
@@ -92,17 +94,59 @@ def test_a_cursor_deep_in_the_store_starts_right_after_it(store):
     assert [e.seq for e in backwards] == list(range(after - 1, after - 51, -1))
 
 
-def test_an_older_database_gets_its_block_summary_on_open(store, tmp_path):
+def test_an_older_database_gets_its_summaries_on_open(store, tmp_path):
     store, rows = store
     copy = tmp_path / "older.db"
     with sqlite3.connect(store.path) as source, sqlite3.connect(copy) as target:
         source.backup(target)
+        buckets = target.execute("SELECT * FROM event_buckets ORDER BY 1, 2").fetchall()
         target.execute("DELETE FROM event_blocks")
+        target.execute("DELETE FROM event_buckets")
     older = SQLiteStore(str(copy))
     try:
-        (blocks,) = sqlite3.connect(copy).execute("SELECT count(*) FROM event_blocks").fetchone()
-        assert blocks == (EVENTS >> BLOCK_BITS) + 1
-        query = EventQuery(**QUERIES[5], limit=1000)
-        assert read_all(older, query) == reference(rows, query)
+        with sqlite3.connect(copy) as conn:
+            (blocks,) = conn.execute("SELECT count(*) FROM event_blocks").fetchone()
+            assert blocks == (EVENTS >> BLOCK_BITS) + 1
+            assert conn.execute("SELECT * FROM event_buckets ORDER BY 1, 2").fetchall() == buckets
+        for filters in (QUERIES[5], QUERIES[8]):
+            query = EventQuery(**filters, limit=1000)
+            assert read_all(older, query) == reference(rows, query)
     finally:
         older.close()
+
+
+STREAM = 120_000
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    """STREAM events one second apart, 1 in 20 a replay from up to STREAM seconds before the
+    stream began: a time range before it holds a few replays scattered over every block."""
+    rng = random.Random(9)
+    rows = [(f"t{i % 3}", f"s{i}", ts, f"text-{ts}", f"s{i % 5}", "{}")
+            for i in range(STREAM)
+            for ts in [rng.randrange(-STREAM, i) * 10**6 if i % 20 == 0 else i * 10**6]]
+    path = tmp_path_factory.mktemp("stream") / "stream.db"
+    store = SQLiteStore(str(path))
+    writer = store.writer()
+    for start in range(0, STREAM, 5000):
+        writer.write([Batch(rows[start:start + 5000])])
+    writer.close()
+    yield store, rows
+    store.close()
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("limit", [10, 97])
+@pytest.mark.parametrize("filters", [
+    {"since": -50_000 * 10**6, "until": -49_000 * 10**6},  # replays only, ~33 of them
+    {"since": -50_000 * 10**6, "until": -49_990 * 10**6},  # replays only, nearly none
+    {"since": -50_000 * 10**6, "until": -40_000 * 10**6, "topic": "t1"},
+    {"since": 60_000 * 10**6, "until": 63_600 * 10**6},  # an hour in the middle: in order
+    {"until": 0},  # every replay from before the stream
+])
+def test_sparse_ranges_page_through_the_bucket_map(stream, filters, limit, descending):
+    store, rows = stream
+    query = EventQuery(**filters, limit=limit, descending=descending)
+    expected = reference(rows, query)
+    assert read_all(store, query) == expected

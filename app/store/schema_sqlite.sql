@@ -40,3 +40,14 @@ CREATE TABLE IF NOT EXISTS event_blocks (
     min_ts INTEGER NOT NULL,
     max_ts INTEGER NOT NULL
 );
+
+-- Which (time bucket, sub-block) pairs hold events: a bucket is 2**32 us (71.6 minutes) of
+-- event time, a sub-block 64 sequence numbers. Late replays widen the bounds of every block
+-- above, so a narrow time range whose events are few and scattered (replays only) would
+-- make a page read most blocks; this map names the few sub-blocks that can hold them.
+-- About 1 row per 64 in-order events plus 1 per late event, filled from the stored rows.
+CREATE TABLE IF NOT EXISTS event_buckets (
+    bucket INTEGER NOT NULL,
+    sub    INTEGER NOT NULL,
+    PRIMARY KEY (bucket, sub)
+) WITHOUT ROWID;

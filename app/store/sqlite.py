@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from importlib import resources
 
 from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
@@ -39,8 +40,18 @@ _WIDEN_BLOCK = (
 )
 _SUMMARISE_BLOCKS = (
     f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
-    " FROM events GROUP BY 1"
+    " FROM events WHERE seq > ? GROUP BY 1"
 )
+# event_buckets: an event is in time bucket ts >> BUCKET_BITS and sub-block seq >> SUB_BITS.
+BUCKET_BITS = 32
+SUB_BITS = 6
+_MAP_BUCKETS = (
+    f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
+    f" seq >> {SUB_BITS} FROM events WHERE seq > ?"
+)
+# A time-range page reads at most this many overlapping blocks in order before it turns to
+# event_buckets for the rest: dense ranges fill a page within a block or two.
+BLOCK_BUDGET = 4
 _TS_INF = 2**63 - 1
 
 
@@ -145,6 +156,7 @@ class SQLiteWriter(Writer):
                 added = [(topic, cur.execute(_NEW_IN_TOPIC, (topic, last_seq)).fetchone()[0])
                          for topic in topics]
                 cur.executemany(_ADD_TOPICS, [item for item in added if item[1]])
+                cur.execute(_MAP_BUCKETS, (last_seq,))
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
@@ -178,11 +190,13 @@ class SQLiteStore(Store):
                 # Switching to WAL is persistent and idempotent; it needs no open transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(f"BEGIN IMMEDIATE; {schema}")
-                # A database from before event_blocks gets its summary built, once.
-                (older,) = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM event_blocks)"
-                                        " AND EXISTS (SELECT 1 FROM events)").fetchone()
-                if older:
-                    conn.execute(_SUMMARISE_BLOCKS)
+                # A database from before a summary table gets that summary built, once.
+                for table, build in (("event_blocks", _SUMMARISE_BLOCKS),
+                                     ("event_buckets", _MAP_BUCKETS)):
+                    (older,) = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})"
+                                            " AND EXISTS (SELECT 1 FROM events)").fetchone()
+                    if older:
+                        conn.execute(build, (0,))
                 conn.execute("COMMIT")
             finally:
                 conn.close()
@@ -232,24 +246,54 @@ class SQLiteStore(Store):
             # One snapshot for the block list and every block read after it.
             conn.execute("BEGIN")
             try:
-                return self._by_block(conn, query, low, high)
+                return self._by_range(conn, query, low, high)
             finally:
                 conn.execute("COMMIT")
 
-    def _by_block(self, conn: sqlite3.Connection, query: EventQuery, low: int,
+    def _by_range(self, conn: sqlite3.Connection, query: EventQuery, low: int,
                   high: int) -> list[StoredEvent]:
-        """Read the blocks whose timestamps overlap [low, high), in order, until full."""
+        """Read the events of [low, high) in order: first the few blocks of event_blocks
+        that overlap it, then, if the page is not full, the sub-blocks event_buckets names."""
         order, bound = ("DESC", "block <= ?") if query.descending else ("ASC", "block >= ?")
         params = [high, low]
         if query.after is None:
             bound = "1"
         else:
             params.append(query.after >> BLOCK_BITS)
-        blocks = conn.execute(f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ?"
-                              f" AND {bound} ORDER BY block {order}", params).fetchall()
+        blocks = [block for (block,) in conn.execute(
+            f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ? AND {bound}"
+            f" ORDER BY block {order} LIMIT {BLOCK_BUDGET + 1}", params)]
+        found = self._read_spans(conn, query, blocks[:BLOCK_BUDGET], BLOCK_BITS)
+        if len(found) == query.limit or len(blocks) <= BLOCK_BUDGET:
+            return found
+        # The range is sparse in the blocks it overlaps (late replays widen their bounds):
+        # go on after the last block read, through the sub-blocks that hold its buckets.
+        last = blocks[BLOCK_BUDGET - 1]
+        after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
+        rest = replace(query, after=after, limit=query.limit - len(found))
+        sub_bound = "sub <= ?" if query.descending else "sub >= ?"
+        while len(found) < query.limit:
+            first_sub = (rest.after - 1 if query.descending else rest.after + 1) >> SUB_BITS
+            want = max(64, 2 * rest.limit)
+            subs = [sub for (sub,) in conn.execute(
+                f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
+                f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
+                (low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, want))]
+            page = self._read_spans(conn, rest, subs, SUB_BITS)
+            found += page
+            if len(subs) < want:
+                break
+            last = subs[-1]
+            after = last << SUB_BITS if query.descending else ((last + 1) << SUB_BITS) - 1
+            rest = replace(rest, after=after, limit=query.limit - len(found))
+        return found
+
+    def _read_spans(self, conn: sqlite3.Connection, query: EventQuery, spans: list[int],
+                    bits: int) -> list[StoredEvent]:
+        """Read the spans of 2**bits sequence numbers given, in order, until the page is full."""
         found: list[StoredEvent] = []
-        for start, end in _runs([block for (block,) in blocks], query.descending):
-            seqs = (start << BLOCK_BITS, ((end + 1) << BLOCK_BITS) - 1)
+        for start, end in _runs(spans, query.descending):
+            seqs = (start << bits, ((end + 1) << bits) - 1)
             found += self._select(conn, query, seqs=seqs, limit=query.limit - len(found))
             if len(found) == query.limit:
                 break
