@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from app.store import Batch, EventQuery, SQLiteStore
-from app.store.sqlite import BLOCK_BITS
+from app.store.sql import BLOCK_BITS
 
 HOUR = 3600 * 10**6
 EVENTS = 30_000

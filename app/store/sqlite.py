@@ -8,10 +8,10 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import replace
 from importlib import resources
 
 from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
+from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, read_page
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ _ADD_TOPICS = (
     "INSERT INTO topic_counts (topic, count) VALUES (?, ?)"
     " ON CONFLICT (topic) DO UPDATE SET count = count + excluded.count"
 )
-_COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
-# event_blocks: a block holds the sequence numbers seq >> BLOCK_BITS.
-BLOCK_BITS = 12
 _WIDEN_BLOCK = (
     "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
     " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
@@ -42,17 +39,10 @@ _SUMMARISE_BLOCKS = (
     f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
     " FROM events WHERE seq > ? GROUP BY 1"
 )
-# event_buckets: an event is in time bucket ts >> BUCKET_BITS and sub-block seq >> SUB_BITS.
-BUCKET_BITS = 32
-SUB_BITS = 6
 _MAP_BUCKETS = (
     f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
     f" seq >> {SUB_BITS} FROM events WHERE seq > ?"
 )
-# A time-range page reads at most this many overlapping blocks in order before it turns to
-# event_buckets for the rest: dense ranges fill a page within a block or two.
-BLOCK_BUDGET = 4
-_TS_INF = 2**63 - 1
 
 
 def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
@@ -81,21 +71,6 @@ def translated_errors():
         yield
     except sqlite3.Error as exc:
         raise _translate(exc) from exc
-
-
-def _runs(blocks: list[int], descending: bool):
-    """Yield (lowest, highest) of each run of consecutive blocks, in the order given."""
-    step = -1 if descending else 1
-    run = None
-    for block in blocks:
-        if run is not None and block == run[1] + step:
-            run[1] = block
-            continue
-        if run is not None:
-            yield min(run), max(run)
-        run = [block, block]
-    if run is not None:
-        yield min(run), max(run)
 
 
 class SQLiteWriter(Writer):
@@ -229,95 +204,15 @@ class SQLiteStore(Store):
                         values["duplicate_dropped"], values["rejected"], topics)
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
-        """Return up to query.limit events after the cursor, oldest or newest first.
-
-        A page reads rows in sequence order from the cursor on: through the (topic, seq) or
-        (source, seq) index for those filters, and for a time range only within the blocks
-        of event_blocks whose timestamps overlap it. So a page costs about its own size at
-        any depth, unless the filters match few of the rows they leave to read (see
-        README, Performance, for the cases measured).
-        """
+        """Return up to query.limit events after the cursor (see sql.read_page)."""
         with translated_errors():
             conn = self._reader()
-            if query.since is None and query.until is None:
-                return self._select(conn, query)
-            low = -_TS_INF if query.since is None else query.since
-            high = _TS_INF if query.until is None else query.until
-            # One snapshot for the block list and every block read after it.
+            # One snapshot for every statement of the page.
             conn.execute("BEGIN")
             try:
-                return self._by_range(conn, query, low, high)
+                return read_page(lambda sql, params: conn.execute(sql, params).fetchall(), query)
             finally:
                 conn.execute("COMMIT")
-
-    def _by_range(self, conn: sqlite3.Connection, query: EventQuery, low: int,
-                  high: int) -> list[StoredEvent]:
-        """Read the events of [low, high) in order: first the few blocks of event_blocks
-        that overlap it, then, if the page is not full, the sub-blocks event_buckets names."""
-        order, bound = ("DESC", "block <= ?") if query.descending else ("ASC", "block >= ?")
-        params = [high, low]
-        if query.after is None:
-            bound = "1"
-        else:
-            params.append(query.after >> BLOCK_BITS)
-        blocks = [block for (block,) in conn.execute(
-            f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ? AND {bound}"
-            f" ORDER BY block {order} LIMIT {BLOCK_BUDGET + 1}", params)]
-        found = self._read_spans(conn, query, blocks[:BLOCK_BUDGET], BLOCK_BITS)
-        if len(found) == query.limit or len(blocks) <= BLOCK_BUDGET:
-            return found
-        # The range is sparse in the blocks it overlaps (late replays widen their bounds):
-        # go on after the last block read, through the sub-blocks that hold its buckets.
-        last = blocks[BLOCK_BUDGET - 1]
-        after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
-        rest = replace(query, after=after, limit=query.limit - len(found))
-        sub_bound = "sub <= ?" if query.descending else "sub >= ?"
-        while len(found) < query.limit:
-            first_sub = (rest.after - 1 if query.descending else rest.after + 1) >> SUB_BITS
-            want = max(64, 2 * rest.limit)
-            subs = [sub for (sub,) in conn.execute(
-                f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
-                f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
-                (low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, want))]
-            page = self._read_spans(conn, rest, subs, SUB_BITS)
-            found += page
-            if len(subs) < want:
-                break
-            last = subs[-1]
-            after = last << SUB_BITS if query.descending else ((last + 1) << SUB_BITS) - 1
-            rest = replace(rest, after=after, limit=query.limit - len(found))
-        return found
-
-    def _read_spans(self, conn: sqlite3.Connection, query: EventQuery, spans: list[int],
-                    bits: int) -> list[StoredEvent]:
-        """Read the spans of 2**bits sequence numbers given, in order, until the page is full."""
-        found: list[StoredEvent] = []
-        for start, end in _runs(spans, query.descending):
-            seqs = (start << bits, ((end + 1) << bits) - 1)
-            found += self._select(conn, query, seqs=seqs, limit=query.limit - len(found))
-            if len(found) == query.limit:
-                break
-        return found
-
-    def _select(self, conn: sqlite3.Connection, query: EventQuery, *,
-                seqs: tuple[int, int] | None = None, limit: int | None = None
-                ) -> list[StoredEvent]:
-        where, params = [], []
-        for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
-                                  ("ts", ">=", query.since), ("ts", "<", query.until),
-                                  ("seq", "<" if query.descending else ">", query.after)):
-            if value is not None:
-                where.append(f"{column} {op} ?")
-                params.append(value)
-        if seqs is not None:
-            where.append("seq BETWEEN ? AND ?")
-            params += seqs
-        sql = f"SELECT {_COLUMNS} FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
-        params.append(query.limit if limit is None else limit)
-        return [StoredEvent(*row) for row in conn.execute(sql, params)]
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers a read."""

@@ -1,0 +1,125 @@
+"""What the SQL backends share: the summaries' layout and the plan that reads a page.
+
+Both backends keep the same tables (see schema_sqlite.sql and schema_postgresql.sql) and
+read a page with the same statements, written with ? placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+from .base import EventQuery, StoredEvent
+
+# event_blocks: a block holds the sequence numbers seq >> BLOCK_BITS.
+BLOCK_BITS = 12
+# event_buckets: an event is in time bucket ts >> BUCKET_BITS and sub-block seq >> SUB_BITS.
+BUCKET_BITS = 32
+SUB_BITS = 6
+# A time-range page reads at most this many overlapping blocks in order before it turns to
+# event_buckets for the rest: dense ranges fill a page within a block or two.
+BLOCK_BUDGET = 4
+COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
+_TS_INF = 2**63 - 1
+
+# Runs a statement (? placeholders) in the page's read snapshot and returns its rows.
+Run = Callable[[str, list], list[tuple]]
+
+
+def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
+    """Return up to query.limit events after the cursor, oldest or newest first.
+
+    A page reads rows in sequence order from the cursor on: through the (topic, seq) or
+    (source, seq) index for those filters, and for a time range only within the blocks of
+    event_blocks whose timestamps overlap it, then the sub-blocks event_buckets names. So a
+    page costs about its own size at any depth (see README, Performance, for the cases
+    measured). Every statement must see one snapshot.
+    """
+    if query.since is None and query.until is None:
+        return _select(run, query)
+    low = -_TS_INF if query.since is None else query.since
+    high = _TS_INF if query.until is None else query.until
+    return _by_range(run, query, low, high)
+
+
+def _by_range(run: Run, query: EventQuery, low: int, high: int) -> list[StoredEvent]:
+    """Read the events of [low, high) in order: first the few blocks of event_blocks that
+    overlap it, then, if the page is not full, the sub-blocks event_buckets names."""
+    order, bound = ("DESC", "block <= ?") if query.descending else ("ASC", "block >= ?")
+    params = [high, low]
+    if query.after is None:
+        bound = "TRUE"
+    else:
+        params.append(query.after >> BLOCK_BITS)
+    blocks = [block for (block,) in run(
+        f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ? AND {bound}"
+        f" ORDER BY block {order} LIMIT {BLOCK_BUDGET + 1}", params)]
+    found = _read_spans(run, query, blocks[:BLOCK_BUDGET], BLOCK_BITS)
+    if len(found) == query.limit or len(blocks) <= BLOCK_BUDGET:
+        return found
+    # The range is sparse in the blocks it overlaps (late replays widen their bounds):
+    # go on after the last block read, through the sub-blocks that hold its buckets.
+    last = blocks[BLOCK_BUDGET - 1]
+    after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
+    rest = replace(query, after=after, limit=query.limit - len(found))
+    sub_bound = "sub <= ?" if query.descending else "sub >= ?"
+    while len(found) < query.limit:
+        first_sub = (rest.after - 1 if query.descending else rest.after + 1) >> SUB_BITS
+        want = max(64, 2 * rest.limit)
+        subs = [sub for (sub,) in run(
+            f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
+            f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
+            [low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, want])]
+        found += _read_spans(run, rest, subs, SUB_BITS)
+        if len(subs) < want:
+            break
+        last = subs[-1]
+        after = last << SUB_BITS if query.descending else ((last + 1) << SUB_BITS) - 1
+        rest = replace(rest, after=after, limit=query.limit - len(found))
+    return found
+
+
+def _read_spans(run: Run, query: EventQuery, spans: list[int], bits: int) -> list[StoredEvent]:
+    """Read the spans of 2**bits sequence numbers given, in order, until the page is full."""
+    found: list[StoredEvent] = []
+    for start, end in _runs(spans, query.descending):
+        seqs = (start << bits, ((end + 1) << bits) - 1)
+        found += _select(run, query, seqs=seqs, limit=query.limit - len(found))
+        if len(found) == query.limit:
+            break
+    return found
+
+
+def _select(run: Run, query: EventQuery, *, seqs: tuple[int, int] | None = None,
+            limit: int | None = None) -> list[StoredEvent]:
+    where, params = [], []
+    for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
+                              ("ts", ">=", query.since), ("ts", "<", query.until),
+                              ("seq", "<" if query.descending else ">", query.after)):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    if seqs is not None:
+        where.append("seq BETWEEN ? AND ?")
+        params += seqs
+    sql = f"SELECT {COLUMNS} FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
+    params.append(query.limit if limit is None else limit)
+    return [StoredEvent(*row) for row in run(sql, params)]
+
+
+def _runs(blocks: list[int], descending: bool) -> Iterator[tuple[int, int]]:
+    """Yield (lowest, highest) of each run of consecutive blocks, in the order given."""
+    step = -1 if descending else 1
+    run = None
+    for block in blocks:
+        if run is not None and block == run[1] + step:
+            run[1] = block
+            continue
+        if run is not None:
+            yield min(run), max(run)
+        run = [block, block]
+    if run is not None:
+        yield min(run), max(run)
