@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 class Config:
     """Every setting the aggregator and its gunicorn config use."""
 
-    database_url: str = "sqlite:///data/dedup.db"
+    # Not in repr: a postgresql:// URL may hold a password.
+    database_url: str = field(default="sqlite:///data/dedup.db", repr=False)
     api_token: str | None = field(default=None, repr=False)
     read_token: str | None = field(default=None, repr=False)
     max_batch: int = 10_000
@@ -33,6 +34,16 @@ class Config:
     bind: str = "0.0.0.0:8080"
     graceful_timeout: int = 30
     metrics_dir: str | None = None
+
+    def __post_init__(self):
+        if self.max_db_mb is not None and self.backend != "sqlite":
+            raise ConfigError("AGGREGATOR_MAX_DB_MB is a quota for SQLite only; PostgreSQL "
+                              "has its own (tablespace, disk) limits")
+
+    @property
+    def backend(self) -> str:
+        """Return "sqlite" or "postgresql", from the scheme of database_url."""
+        return "sqlite" if urlsplit(self.database_url).scheme == "sqlite" else "postgresql"
 
     @property
     def sqlite_path(self) -> str:
@@ -66,9 +77,14 @@ def _token(text: str) -> str | None:
 
 
 def _database_url(text: str) -> str:
-    if urlsplit(text).scheme != "sqlite":
-        raise ValueError("must be a sqlite:/// URL (the only backend so far)")
-    sqlite_path(text)
+    scheme = urlsplit(text).scheme
+    if scheme == "sqlite":
+        sqlite_path(text)
+    elif scheme in ("postgresql", "postgres"):
+        if not urlsplit(text).hostname and "host=" not in text:
+            raise ValueError("must name a host: postgresql://user:password@host:port/dbname")
+    else:
+        raise ValueError("must be a sqlite:/// or postgresql:// URL")
     return text
 
 

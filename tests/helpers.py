@@ -26,27 +26,40 @@ def event(event_id: str, topic: str = "orders", **fields) -> dict:
     return base
 
 
-def table_keys(db_path: Path) -> list[tuple[str, str]]:
-    """Return every stored (topic, event_id), read straight from the SQLite file."""
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute("SELECT topic, event_id FROM events").fetchall()
+def database_url(db: Path | str) -> str:
+    """Return the DATABASE_URL of a test database: a SQLite file path or a postgresql:// URL."""
+    return db if isinstance(db, str) else f"sqlite:///{db}"
 
 
-def db_counters(db_path: Path) -> dict[str, int]:
-    """Return the persisted counters, read straight from the SQLite file."""
-    with sqlite3.connect(db_path) as conn:
-        return dict(conn.execute("SELECT name, value FROM counters"))
+def query(db: Path | str, sql: str) -> list[tuple]:
+    """Run one read straight on the database, bypassing the aggregator."""
+    if isinstance(db, str):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            return conn.execute(sql).fetchall()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql).fetchall()
 
 
-def assert_counters_match_the_table(db_path: Path) -> None:
-    """Assert both invariants, per-topic counts and no key stored twice, from the file."""
-    with sqlite3.connect(db_path) as conn:
-        counters = dict(conn.execute("SELECT name, value FROM counters"))
-        rows, distinct = conn.execute(
-            "SELECT count(*), count(DISTINCT topic || char(0) || event_id) FROM events"
-        ).fetchone()
-        topics = dict(conn.execute("SELECT topic, count FROM topic_counts WHERE count > 0"))
-        actual = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
+def table_keys(db: Path | str) -> list[tuple[str, str]]:
+    """Return every stored (topic, event_id) in ingestion order, read straight from the database."""
+    return query(db, "SELECT topic, event_id FROM events ORDER BY seq")
+
+
+def db_counters(db: Path | str) -> dict[str, int]:
+    """Return the persisted counters, read straight from the database."""
+    return dict(query(db, "SELECT name, value FROM counters"))
+
+
+def assert_counters_match_the_table(db: Path | str) -> None:
+    """Assert both invariants, per-topic counts and no key stored twice, from the database."""
+    counters = db_counters(db)
+    [(rows,)] = query(db, "SELECT count(*) FROM events")
+    [(distinct,)] = query(db, "SELECT count(*) FROM (SELECT DISTINCT topic, event_id FROM events)"
+                              " AS keys")
+    topics = dict(query(db, "SELECT topic, count FROM topic_counts WHERE count > 0"))
+    actual = dict(query(db, "SELECT topic, count(*) FROM events GROUP BY topic"))
     assert rows == distinct
     assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
     assert counters["unique_processed"] == rows
@@ -63,13 +76,13 @@ def free_port() -> int:
 class GunicornServer:
     """A real gunicorn process group serving the aggregator on a loopback port."""
 
-    def __init__(self, db_path: Path, log_path: Path, *, workers: int = 2, writers: int = 1,
+    def __init__(self, db: Path | str, log_path: Path, *, workers: int = 2, writers: int = 1,
                  threads: int = 8, env: dict | None = None):
-        self.db_path = db_path
+        self.db = db
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_path}",
+        self.env = {**os.environ, "DATABASE_URL": database_url(db),
                     "WEB_CONCURRENCY": str(workers), "AGGREGATOR_WRITERS": str(writers),
                     "AGGREGATOR_THREADS": str(threads), **(env or {})}
         self.proc: subprocess.Popen | None = None

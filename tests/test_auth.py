@@ -48,13 +48,13 @@ def test_probes_and_the_api_description_stay_open(guarded, path):
     assert guarded.get(path).status_code == 200
 
 
-def test_the_read_token_cannot_publish(guarded, db_path):
+def test_the_read_token_cannot_publish(guarded, db):
     for authorization in ("Bearer read-tok", basic("read-tok"), None):
         headers = {"Authorization": authorization} if authorization else {}
         response = guarded.post("/publish", json=event("r"), headers=headers)
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert table_keys(db_path) == []
+    assert table_keys(db) == []
     ok = guarded.post("/publish", json=event("w"), headers={"Authorization": "Bearer write-tok"})
     assert ok.status_code == 200
 

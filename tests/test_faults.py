@@ -17,6 +17,9 @@ from app.ingest import Ingestor
 from app.store import Batch, SQLiteStore, StoreError
 from tests.helpers import assert_counters_match_the_table, db_counters, event, table_keys
 
+# Quotas, full disks and file locks of SQLite (PostgreSQL's are the server's business).
+pytestmark = pytest.mark.backends("sqlite")
+
 
 def publish(url: str, batch: list[dict]) -> requests.Response:
     return requests.post(url + "/publish", json=batch, timeout=30)

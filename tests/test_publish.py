@@ -15,7 +15,7 @@ def publish(client, body, content_type="application/json", **headers):
     return client.post("/publish", data=data, content_type=content_type, headers=headers)
 
 
-def test_same_event_twice_is_stored_once_and_counted_as_duplicate(client, db_path):
+def test_same_event_twice_is_stored_once_and_counted_as_duplicate(client, db):
     first = publish(client, event("e1"))
     second = publish(client, event("e1"))
     assert first.status_code == second.status_code == 200
@@ -23,21 +23,21 @@ def test_same_event_twice_is_stored_once_and_counted_as_duplicate(client, db_pat
                           "rejected": 0}
     assert second.json == {"received": 1, "unique_processed": 0, "duplicate_dropped": 1,
                            "rejected": 0}
-    assert table_keys(db_path) == [("orders", "e1")]
+    assert table_keys(db) == [("orders", "e1")]
 
 
-def test_same_event_id_in_two_topics_is_two_events(client, db_path):
+def test_same_event_id_in_two_topics_is_two_events(client, db):
     response = publish(client, [event("e1", topic="a"), event("e1", topic="b")])
     assert response.json["unique_processed"] == 2
-    assert sorted(table_keys(db_path)) == [("a", "e1"), ("b", "e1")]
+    assert sorted(table_keys(db)) == [("a", "e1"), ("b", "e1")]
     assert client.get("/stats").json["topics"] == {"a": 1, "b": 1}
 
 
-def test_duplicates_inside_one_batch_are_counted(client, db_path):
+def test_duplicates_inside_one_batch_are_counted(client, db):
     response = publish(client, [event("x"), event("y"), event("x"), event("x")])
     assert response.json == {"received": 4, "unique_processed": 2, "duplicate_dropped": 2,
                              "rejected": 0}
-    assert len(table_keys(db_path)) == 2
+    assert len(table_keys(db)) == 2
 
 
 def test_first_write_wins_when_a_duplicate_differs(client):
@@ -50,7 +50,7 @@ def test_first_write_wins_when_a_duplicate_differs(client):
 
 @pytest.mark.parametrize("form", ["object", "array", "events", "ndjson", "gzip-json",
                                   "gzip-ndjson"])
-def test_every_body_form_is_accepted(client, db_path, form):
+def test_every_body_form_is_accepted(client, db, form):
     events = [event("a"), event("b")] if form != "object" else [event("a")]
     if form == "object":
         body, ctype, headers = json.dumps(events[0]), "application/json", {}
@@ -66,7 +66,7 @@ def test_every_body_form_is_accepted(client, db_path, form):
     response = publish(client, body, ctype, **headers)
     assert response.status_code == 200, response.json
     assert response.json["unique_processed"] == len(events)
-    assert sorted(k for _, k in table_keys(db_path)) == [e["event_id"] for e in events]
+    assert sorted(k for _, k in table_keys(db)) == [e["event_id"] for e in events]
 
 
 def test_empty_batch_is_a_200_with_zeros(client):
@@ -105,23 +105,23 @@ BAD_EVENTS = [
 
 
 @pytest.mark.parametrize("label,bad,field", BAD_EVENTS, ids=[b[0] for b in BAD_EVENTS])
-def test_invalid_event_is_refused_naming_its_index_and_field(client, db_path, label, bad, field):
+def test_invalid_event_is_refused_naming_its_index_and_field(client, db, label, bad, field):
     response = publish(client, [event("good"), bad])
     assert response.status_code == 207
     assert response.json["received"] == 1
     assert response.json["rejected"] == 1
     assert list(response.json["errors"]) == ["1"]
     assert field in response.json["errors"]["1"]
-    assert table_keys(db_path) == [("orders", "good")]
+    assert table_keys(db) == [("orders", "good")]
 
 
-def test_number_that_overflows_to_infinity_is_refused_by_index(client, db_path):
+def test_number_that_overflows_to_infinity_is_refused_by_index(client, db):
     overflow = json.dumps(event("inf", payload={"x": 1})).replace('"x": 1', '"x": 1e400')
     body = f"[{json.dumps(event('good'))}, {overflow}]"
     response = publish(client, body)
     assert response.status_code == 207
     assert "finite" in response.json["errors"]["1"]["payload"][0]
-    assert table_keys(db_path) == [("orders", "good")]
+    assert table_keys(db) == [("orders", "good")]
     assert "Infinity" not in client.get("/events").get_data(as_text=True)
 
 
@@ -136,17 +136,17 @@ def test_non_object_in_a_batch_is_refused_by_index(client):
     assert sorted(response.json["errors"]) == ["1", "2", "3"]
 
 
-def test_batch_with_no_valid_event_is_422_and_stores_nothing(client, db_path):
+def test_batch_with_no_valid_event_is_422_and_stores_nothing(client, db):
     response = publish(client, [event("a", topic=""), event("b", timestamp="nope")])
     assert response.status_code == 422
     assert response.json["error"] == "invalid_events"
     assert response.json["rejected"] == 2 and response.json["received"] == 0
     assert sorted(response.json["errors"]) == ["0", "1"]
-    assert table_keys(db_path) == []
+    assert table_keys(db) == []
     assert client.get("/stats").json["rejected"] == 2
 
 
-def test_mixed_batch_stores_only_the_valid_events_and_counts_rejected(client, db_path):
+def test_mixed_batch_stores_only_the_valid_events_and_counts_rejected(client, db):
     batch = [event("v1"), event("bad", topic=""), event("v2"), event("v1"), {"topic": "x"}]
     response = publish(client, batch)
     assert response.status_code == 207
@@ -154,8 +154,8 @@ def test_mixed_batch_stores_only_the_valid_events_and_counts_rejected(client, db
                                           "rejected")} == {
         "received": 3, "unique_processed": 2, "duplicate_dropped": 1, "rejected": 2}
     assert sorted(response.json["errors"]) == ["1", "4"]
-    assert sorted(table_keys(db_path)) == [("orders", "v1"), ("orders", "v2")]
-    assert db_counters(db_path)["rejected"] == 2
+    assert sorted(table_keys(db)) == [("orders", "v1"), ("orders", "v2")]
+    assert db_counters(db)["rejected"] == 2
 
 
 WHOLE_REQUEST_ERRORS = [
@@ -181,18 +181,18 @@ WHOLE_REQUEST_ERRORS = [
 
 @pytest.mark.parametrize("label,body,ctype,headers,status,code", WHOLE_REQUEST_ERRORS,
                          ids=[e[0] for e in WHOLE_REQUEST_ERRORS])
-def test_bad_request_body_gets_a_json_4xx_and_stores_nothing(client, db_path, label, body,
+def test_bad_request_body_gets_a_json_4xx_and_stores_nothing(client, db, label, body,
                                                              ctype, headers, status, code):
     response = publish(client, body, ctype, **headers)
     assert response.status_code == status
     assert response.is_json and response.json["error"] == code
     assert response.json["message"]
     assert "Traceback" not in response.get_data(as_text=True)
-    assert table_keys(db_path) == []
-    assert db_counters(db_path)["received"] == 0
+    assert table_keys(db) == []
+    assert db_counters(db)["received"] == 0
 
 
-def test_too_many_events_is_413(make_app, db_path):
+def test_too_many_events_is_413(make_app, db):
     client = make_app(max_batch=5).test_client()
     for body, ctype in ((json.dumps([event(str(i)) for i in range(6)]), "application/json"),
                         ("\n".join(json.dumps(event(str(i))) for i in range(6)),
@@ -203,15 +203,15 @@ def test_too_many_events_is_413(make_app, db_path):
     assert publish(client, [event(str(i)) for i in range(5)]).status_code == 200
 
 
-def test_body_over_the_limit_is_413(make_app, db_path):
+def test_body_over_the_limit_is_413(make_app, db):
     client = make_app(max_body=1000).test_client()
     response = publish(client, [event(str(i)) for i in range(20)])
     assert response.status_code == 413
     assert response.json["error"] == "body_too_large"
-    assert table_keys(db_path) == []
+    assert table_keys(db) == []
 
 
-def test_gzip_bomb_is_stopped_while_decompressing(make_app, db_path):
+def test_gzip_bomb_is_stopped_while_decompressing(make_app, db):
     client = make_app(max_body=1024 * 1024).test_client()
     bomb = gzip.compress(b"[" + b" " * (200 * 1024 * 1024) + b"]", compresslevel=9)
     assert len(bomb) < 1024 * 1024
@@ -220,12 +220,12 @@ def test_gzip_bomb_is_stopped_while_decompressing(make_app, db_path):
     assert response.json["error"] == "body_too_large"
 
 
-def test_token_is_required_when_configured(make_app, db_path):
+def test_token_is_required_when_configured(make_app, db):
     client = make_app(api_token="s3cret").test_client()
     assert publish(client, event("a")).status_code == 401
     assert publish(client, event("a"), Authorization="Bearer wrong").status_code == 401
     assert publish(client, event("a"), Authorization="Bearer s3cret").status_code == 200
-    assert table_keys(db_path) == [("orders", "a")]
+    assert table_keys(db) == [("orders", "a")]
 
 
 def test_payload_round_trip_is_exact(client):
@@ -250,7 +250,7 @@ def test_timestamps_come_back_normalised_to_utc(client, given, normalised):
     assert client.get("/events").json["events"][0]["timestamp"] == normalised
 
 
-def test_stats_are_exact_after_a_mix_of_batches(client, db_path):
+def test_stats_are_exact_after_a_mix_of_batches(client, db):
     publish(client, [event(str(i), topic="a") for i in range(10)])
     publish(client, [event(str(i), topic="a") for i in range(5, 15)])
     publish(client, [event(str(i), topic="b") for i in range(3)] + [event("x", topic="")])
@@ -263,11 +263,11 @@ def test_stats_are_exact_after_a_mix_of_batches(client, db_path):
     assert stats["rejected"] == 2
     assert stats["topics"] == {"a": 15, "b": 3}
     assert stats["received"] == stats["unique_processed"] + stats["duplicate_dropped"]
-    assert stats["unique_processed"] == len(table_keys(db_path))
+    assert stats["unique_processed"] == len(table_keys(db))
     assert stats["queue_depth"] == 0 and stats["uptime"] >= 0 and stats["started_at"]
 
 
-def test_counters_survive_a_new_app_on_the_same_file(make_app, db_path):
+def test_counters_survive_a_new_app_on_the_same_file(make_app, db):
     publish(make_app().test_client(), [event("a"), event("b")])
     stats = make_app().test_client().get("/stats").json
     assert (stats["received"], stats["unique_processed"]) == (2, 2)

@@ -21,7 +21,7 @@ def run_publisher(*args: str, timeout: float = 120, **env: str) -> subprocess.Co
                           timeout=timeout)
 
 
-def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db_path):
+def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db):
     server = gunicorn()
     result = run_publisher("--url", server.url, "--events", "5000", "--duplicate-rate", "0.2",
                            "--batch-size", "250", "--concurrency", "4", "--seed", "11",
@@ -33,7 +33,7 @@ def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db_pat
     stats = requests.get(server.url + "/stats", timeout=5).json()
     assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
         6000, 5000, 1000)
-    assert len(table_keys(db_path)) == 5000
+    assert len(table_keys(db)) == 5000
 
 
 def test_same_seed_again_is_all_duplicates(gunicorn):
@@ -45,8 +45,8 @@ def test_same_seed_again_is_all_duplicates(gunicorn):
     assert (again["unique"], again["duplicates"]) == (0, 1500)
 
 
-def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db_path):
-    server = GunicornServer(db_path, tmp_path / "late.log")
+def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
+    server = GunicornServer(db, tmp_path / "late.log")
     publisher = subprocess.Popen(
         [sys.executable, "-m", "publisher", "--url", server.url, "--events", "300",
          "--duplicate-rate", "0.1", "--wait", "60", "--json"],
@@ -93,7 +93,7 @@ def test_every_option_can_come_from_the_environment(gunicorn):
     assert set(requests.get(server.url + "/stats", timeout=5).json()["topics"]) <= {"x", "y"}
 
 
-def test_file_replay_reports_rejects_and_exits_1(gunicorn, tmp_path, db_path):
+def test_file_replay_reports_rejects_and_exits_1(gunicorn, tmp_path, db):
     server = gunicorn()
     source = tmp_path / "events.ndjson"
     lines = [json.dumps(event(f"f{i}")) for i in range(10)]
@@ -109,7 +109,7 @@ def test_file_replay_reports_rejects_and_exits_1(gunicorn, tmp_path, db_path):
     refused = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert sorted(r["line"] for r in refused) == [4, 8]
     assert any("timestamp" in r["errors"] for r in refused if r["line"] == 4)
-    assert len(table_keys(db_path)) == 8
+    assert len(table_keys(db)) == 8
 
 
 def test_file_replay_of_50000_lines_stays_under_100_mb(gunicorn, tmp_path):

@@ -37,7 +37,7 @@ def load(url: str, worker: int, size: int, stop: threading.Event, acknowledged: 
                 acknowledged.extend((e["topic"], e["event_id"]) for e in batch)
 
 
-def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db_path):
+def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db):
     server = gunicorn(workers=2, writers=2)
     ids = [f"id-{i}" for i in range(400)]
     sent, results, errors = Counter(), [], []
@@ -62,7 +62,7 @@ def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db_path
     for thread in threads:
         thread.join()
     assert errors == []
-    keys = table_keys(db_path)
+    keys = table_keys(db)
     assert len(keys) == len(set(keys)) == len(sent)
     total = sum(sent.values())
     assert sum(r["received"] for r in results) == total
@@ -74,7 +74,7 @@ def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db_path
     assert now["topics"] == dict(Counter(topic for topic, _ in sent))
 
 
-def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db_path):
+def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db):
     server = gunicorn()
     batch = [event(str(i), topic=f"t{i % 3}") for i in range(300)]
     assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
@@ -86,11 +86,11 @@ def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db_path):
         assert after[key] == before[key]
     again = requests.post(restarted.url + "/publish", json=batch, timeout=10).json()
     assert again["unique_processed"] == 0 and again["duplicate_dropped"] == 300
-    assert len(table_keys(db_path)) == 300
+    assert len(table_keys(db)) == 300
     assert stats(restarted.url)["received"] == 600
 
 
-def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db_path):
+def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
     server = gunicorn()
     acknowledged, stop = [], threading.Event()
     threads = [threading.Thread(target=load, args=(server.url, w, 50, stop, acknowledged))
@@ -105,13 +105,13 @@ def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db_path):
     for thread in threads:
         thread.join()
     assert acknowledged
-    stored = set(table_keys(db_path))
+    stored = set(table_keys(db))
     assert set(acknowledged) <= stored
-    counters = db_counters(db_path)
+    counters = db_counters(db)
     assert counters["unique_processed"] == len(stored)
 
 
-def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db_path):
+def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     server = gunicorn(workers=2, writers=2)
     acknowledged, stop = [], threading.Event()
     threads = [threading.Thread(target=load, args=(server.url, w, 100, stop, acknowledged))
@@ -126,7 +126,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db_path):
     server.proc.wait(10)
     assert len(acknowledged) >= 1000
     restarted = gunicorn()
-    keys = table_keys(db_path)
+    keys = table_keys(db)
     assert len(keys) == len(set(keys))
     assert set(acknowledged) <= set(keys)
     now = stats(restarted.url)
@@ -170,6 +170,7 @@ def post_in_threads(url: str, batches: list[list[dict]]) -> list[requests.Respon
     return threads, responses
 
 
+@pytest.mark.backends("sqlite")  # holds the SQLite write lock / reads the file
 def test_full_queue_answers_429_with_retry_after_and_stores_nothing_of_it(gunicorn, db_path):
     server = gunicorn(workers=1, env={"AGGREGATOR_QUEUE_SIZE": "1"})
     lock = hold_write_lock(db_path)
@@ -195,6 +196,7 @@ def test_full_queue_answers_429_with_retry_after_and_stores_nothing_of_it(gunico
     assert (now["received"], now["unique_processed"], now["duplicate_dropped"]) == (6, 6, 0)
 
 
+@pytest.mark.backends("sqlite")  # holds the SQLite write lock / reads the file
 def test_commit_that_takes_too_long_is_503_and_a_retry_is_safe(gunicorn, db_path):
     server = gunicorn(workers=1, env={"AGGREGATOR_COMMIT_TIMEOUT": "1"})
     lock = hold_write_lock(db_path)
@@ -211,6 +213,7 @@ def test_commit_that_takes_too_long_is_503_and_a_retry_is_safe(gunicorn, db_path
     assert now["received"] == now["unique_processed"] + now["duplicate_dropped"]
 
 
+@pytest.mark.backends("sqlite")  # holds the SQLite write lock / reads the file
 def test_database_is_wal_with_the_dedup_key(gunicorn, db_path):
     gunicorn(workers=1)
     with sqlite3.connect(db_path) as conn:

@@ -12,5 +12,10 @@ __all__ = ["Batch", "Counters", "EventQuery", "Row", "StoredEvent", "Store", "St
 
 def open_store(config: Config) -> Store:
     """Open the backend that config.database_url names."""
+    if config.backend == "postgresql":
+        # Imported here: psycopg is needed only by those who choose PostgreSQL.
+        from .postgresql import PostgresStore
+
+        return PostgresStore(config.database_url)
     max_bytes = config.max_db_mb * 1024 * 1024 if config.max_db_mb else None
     return SQLiteStore(config.sqlite_path, max_bytes)

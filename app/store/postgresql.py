@@ -1,0 +1,209 @@
+"""PostgreSQL storage: several aggregator replicas on one database, the same contract.
+
+Writers of every replica take turns under one transaction-level advisory lock, as SQLite's
+writers take turns under the file lock: each transaction is a group commit of many
+requests, sequence numbers grow in commit order (so a reader's cursor never skips a row
+committed after its page was read), and the counters change in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from contextlib import contextmanager
+from importlib import resources
+
+import psycopg
+from psycopg import IsolationLevel, errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
+from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, read_page
+
+log = logging.getLogger(__name__)
+
+# Advisory lock keys (any two numbers no other application on the database uses).
+SCHEMA_LOCK = 0x6C6F_6761_0001
+WRITE_LOCK = 0x6C6F_6761_0002
+CONNECT_TIMEOUT_S = 5
+# Read connections per process. Reads are short, so a few serve many request threads, and
+# replicas x workers x (READERS + writers) stays well under max_connections (100).
+READERS = 4
+POOL_TIMEOUT_S = 5.0
+
+# One statement per batch: the rows go in as arrays, in the order sent; RETURNING names the
+# rows really stored (ON CONFLICT skips the others, in-batch repeats included).
+_INSERT = (
+    "INSERT INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
+    " SELECT topic, event_id, ts, timestamp, source, payload,"
+    " to_char(statement_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+    " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[])"
+    " WITH ORDINALITY AS r(topic, event_id, ts, timestamp, source, payload, n) ORDER BY n"
+    " ON CONFLICT (topic, event_id) DO NOTHING RETURNING seq, topic, ts"
+)
+_ADD_COUNTERS = (
+    "UPDATE counters SET value = value + v.delta"
+    " FROM unnest(%s::text[], %s::bigint[]) AS v(name, delta) WHERE counters.name = v.name"
+)
+_ADD_TOPICS = (
+    "INSERT INTO topic_counts (topic, count) SELECT * FROM unnest(%s::text[], %s::bigint[])"
+    " ON CONFLICT (topic) DO UPDATE SET count = topic_counts.count + excluded.count"
+)
+_WIDEN_BLOCKS = (
+    "INSERT INTO event_blocks (block, min_ts, max_ts)"
+    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) ON CONFLICT (block)"
+    " DO UPDATE SET min_ts = least(event_blocks.min_ts, excluded.min_ts),"
+    " max_ts = greatest(event_blocks.max_ts, excluded.max_ts)"
+)
+_MAP_BUCKETS = (
+    "INSERT INTO event_buckets (bucket, sub) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
+    " ON CONFLICT DO NOTHING"
+)
+# For a database whose summaries are missing (filled by hand, or restored without them).
+_SUMMARISE = {
+    "event_blocks": f"INSERT INTO event_blocks (block, min_ts, max_ts)"
+                    f" SELECT seq >> {BLOCK_BITS}, min(ts), max(ts) FROM events GROUP BY 1",
+    "event_buckets": f"INSERT INTO event_buckets (bucket, sub) SELECT DISTINCT"
+                     f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
+}
+
+
+def _translate(exc: psycopg.Error) -> StoreError:
+    if isinstance(exc, errors.DiskFull):
+        return StoreFull(f"database is full: {exc}".strip())
+    return StoreError(f"database error: {exc}".strip())
+
+
+@contextmanager
+def translated_errors():
+    """Re-raise the database's own trouble (connection, disk, server) as StoreError.
+
+    Other psycopg errors (a value the database refuses) stay as they are, so that the
+    ingestor commits the batches of a failed group one by one and fails only the culprit.
+    """
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise StoreError(f"no database connection free: {exc}") from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError) as exc:
+        raise _translate(exc) from exc
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """Open a connection (the only place we connect, besides the read pool)."""
+    return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, **kwargs)
+
+
+class PostgresWriter(Writer):
+    """A write connection, reopened after the database drops it."""
+
+    def __init__(self, url: str):
+        self._url = url
+        self._conn: psycopg.Connection | None = connect(url, autocommit=True)
+
+    def write(self, batches: list[Batch]) -> list[int]:
+        """Commit every batch in one transaction; return each batch's newly stored count."""
+        try:
+            with translated_errors():
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self._url, autocommit=True)
+                with self._conn.transaction():
+                    return self._write_locked(self._conn.cursor(), batches)
+        except StoreError:
+            # The connection may be broken; the next write opens a new one.
+            self.close()
+            raise
+
+    def _write_locked(self, cur: psycopg.Cursor, batches: list[Batch]) -> list[int]:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        stored, new = [], []
+        for batch in batches:
+            rows = []
+            if batch.rows:
+                columns = [list(column) for column in zip(*batch.rows, strict=True)]
+                rows = cur.execute(_INSERT, columns).fetchall()
+            stored.append(len(rows))
+            new += rows
+        received = sum(len(batch.rows) for batch in batches)
+        cur.execute(_ADD_COUNTERS, (
+            ["received", "unique_processed", "duplicate_dropped", "rejected"],
+            [received, len(new), received - len(new), sum(b.rejected for b in batches)]))
+        if new:
+            topics = Counter(topic for _, topic, _ in new)
+            cur.execute(_ADD_TOPICS, (list(topics), list(topics.values())))
+            bounds: dict[int, list[int]] = {}
+            for seq, _, ts in new:
+                low_high = bounds.setdefault(seq >> BLOCK_BITS, [ts, ts])
+                low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
+            cur.execute(_WIDEN_BLOCKS, (list(bounds), [b[0] for b in bounds.values()],
+                                        [b[1] for b in bounds.values()]))
+            pairs = sorted({(ts >> BUCKET_BITS, seq >> SUB_BITS) for seq, _, ts in new})
+            cur.execute(_MAP_BUCKETS, ([p[0] for p in pairs], [p[1] for p in pairs]))
+        return stored
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresStore(Store):
+    """Events and counters in one PostgreSQL database, shared by any number of replicas."""
+
+    def __init__(self, url: str):
+        self.url = url
+        schema = resources.files(__package__).joinpath("schema_postgresql.sql").read_text()
+        with translated_errors(), connect(url, autocommit=True) as conn:
+            # Session lock: replicas starting at once create the schema one after another.
+            conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+            try:
+                conn.execute(schema)
+                for table, build in _SUMMARISE.items():
+                    (older,) = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})"
+                                            " AND EXISTS (SELECT 1 FROM events)").fetchone()
+                    if older:
+                        conn.execute(build)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=READERS, timeout=POOL_TIMEOUT_S, open=True,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S}, configure=self._configure,
+            name="readers")
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection) -> None:
+        # Every statement of a page reads one snapshot.
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+
+    def writer(self) -> PostgresWriter:
+        """Open a write connection for one writer thread."""
+        with translated_errors():
+            return PostgresWriter(self.url)
+
+    def counters(self) -> Counters:
+        """Return the counters and per-topic counts, read in one statement (one snapshot)."""
+        with translated_errors(), self._pool.connection() as conn:
+            values, topics = conn.execute(
+                "SELECT (SELECT json_object_agg(name, value) FROM counters),"
+                " (SELECT coalesce(json_object_agg(topic, count ORDER BY topic), '{}')"
+                " FROM topic_counts)").fetchone()
+        return Counters(values["received"], values["unique_processed"],
+                        values["duplicate_dropped"], values["rejected"], topics)
+
+    def events(self, query: EventQuery) -> list[StoredEvent]:
+        """Return up to query.limit events after the cursor (see sql.read_page)."""
+        with translated_errors(), self._pool.connection() as conn:
+            cur = conn.cursor()
+            return read_page(
+                lambda sql, params: cur.execute(sql.replace("?", "%s"), params).fetchall(), query)
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers a read."""
+        with translated_errors(), self._pool.connection() as conn:
+            conn.execute("SELECT value FROM counters LIMIT 1").fetchone()
+
+    def close(self) -> None:
+        """Close the read pool; safe to call twice."""
+        self._pool.close()
