@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DATABASE_URL ?= sqlite:///data/dedup.db
 
-.PHONY: venv run publish test lint bench bench-growth soak clean
+.PHONY: venv run publish test lint bench bench-growth bench-cluster soak clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: venv
 ## bench-growth: fill the store to 10 million events, timing ingest and reads on the way (~10 min, 3 GB disk)
 bench-growth: venv
 	$(BIN)/python -m bench.growth
+
+## bench-cluster: 1 and 3 replicas on one PostgreSQL (started from the machine's binaries) vs SQLite (~2 min)
+bench-cluster: venv
+	$(BIN)/python -m bench.cluster --runs 3
 
 ## soak: 5 cycles of load + SIGKILL of the whole server + restart, then audit the database
 soak: venv

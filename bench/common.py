@@ -123,12 +123,14 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """Return a process's user + system CPU seconds so far (0 if it is gone)."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """Return a process's user + system CPU seconds so far (0 if it is gone); with children,
+    plus those of its children that have exited."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = sum(int(f) for f in fields[11:15 if children else 13])
+        return ticks / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
 

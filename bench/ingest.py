@@ -59,17 +59,22 @@ def _client(port: int, bodies: list[bytes], go, out) -> None:
 
 
 def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
-               env: dict[str, str]) -> dict:
-    """Drive a real gunicorn server from separate client processes; return the figures."""
-    server = Server(db_path, env)
+               env: dict[str, str], replicas: int = 1) -> dict:
+    """Drive real gunicorn servers (replicas of one another, on one database when env names a
+    shared DATABASE_URL) from separate client processes, spread evenly; return the figures."""
+    servers: list[Server] = []
     try:
+        for n in range(replicas):
+            servers.append(Server(db_path.with_stem(f"{db_path.stem}-{n}") if n else db_path, env))
+        server = servers[0]
         ctx = mp.get_context("fork")
         go, out = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_client, args=(server.port, bodies[i::clients], go, out))
+        procs = [ctx.Process(target=_client, args=(servers[i % replicas].port,
+                                                   bodies[i::clients], go, out))
                  for i in range(clients)]
         for proc in procs:
             proc.start()
-        workers = server.worker_pids()
+        workers = [pid for each in servers for pid in each.worker_pids()]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_before = before.ru_utime + before.ru_stime
         cpu_before = {pid: cpu_seconds(pid) for pid in workers}
@@ -91,7 +96,8 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
                 statuses[status] = statuses.get(status, 0) + count
         stats = json.loads(_get(server.port, "/stats"))
     finally:
-        server.stop()
+        for each in servers:
+            each.stop()
     return {"events_per_s": events / elapsed, "elapsed_s": elapsed,
             "p50_ms": percentile(latencies, 0.50) * 1000,
             "p99_ms": percentile(latencies, 0.99) * 1000,
