@@ -77,11 +77,11 @@ def _token(text: str) -> str | None:
 
 
 def _database_url(text: str) -> str:
-    scheme = urlsplit(text).scheme
-    if scheme == "sqlite":
+    parts = urlsplit(text)
+    if parts.scheme == "sqlite":
         sqlite_path(text)
-    elif scheme in ("postgresql", "postgres"):
-        if not urlsplit(text).hostname and "host=" not in text:
+    elif parts.scheme in ("postgresql", "postgres"):
+        if not parts.hostname and "host=" not in text:
             raise ValueError("must name a host: postgresql://user:password@host:port/dbname")
     else:
         raise ValueError("must be a sqlite:/// or postgresql:// URL")

@@ -18,7 +18,7 @@ from psycopg import IsolationLevel, errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
-from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, read_page
+from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,6 @@ _MAP_BUCKETS = (
     "INSERT INTO event_buckets (bucket, sub) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
     " ON CONFLICT DO NOTHING"
 )
-# For a database whose summaries are missing (filled by hand, or restored without them).
-_SUMMARISE = {
-    "event_blocks": f"INSERT INTO event_blocks (block, min_ts, max_ts)"
-                    f" SELECT seq >> {BLOCK_BITS}, min(ts), max(ts) FROM events GROUP BY 1",
-    "event_buckets": f"INSERT INTO event_buckets (bucket, sub) SELECT DISTINCT"
-                     f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
-}
 
 
 def _translate(exc: psycopg.Error) -> StoreError:
@@ -159,11 +152,7 @@ class PostgresStore(Store):
             conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
             try:
                 conn.execute(schema)
-                for table, build in _SUMMARISE.items():
-                    (older,) = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})"
-                                            " AND EXISTS (SELECT 1 FROM events)").fetchone()
-                    if older:
-                        conn.execute(build)
+                build_missing_summaries(conn)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
         self._pool = ConnectionPool(

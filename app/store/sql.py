@@ -22,8 +22,27 @@ BLOCK_BUDGET = 4
 COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
 _TS_INF = 2**63 - 1
 
+# For a database from before a summary table (or restored without it): the statement that
+# builds it from the events, run once when the store is opened (see build_missing_summaries).
+SUMMARIES = {
+    "event_blocks": f"INSERT INTO event_blocks (block, min_ts, max_ts)"
+                    f" SELECT seq >> {BLOCK_BITS}, min(ts), max(ts) FROM events GROUP BY 1",
+    "event_buckets": f"INSERT INTO event_buckets (bucket, sub) SELECT DISTINCT"
+                     f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
+}
+
 # Runs a statement (? placeholders) in the page's read snapshot and returns its rows.
 Run = Callable[[str, list], list[tuple]]
+
+
+def build_missing_summaries(conn) -> None:
+    """Build each summary table that is empty while events are not, on a connection of
+    either backend (conn.execute(sql).fetchone()), inside the caller's schema lock."""
+    for table, build in SUMMARIES.items():
+        (missing,) = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})"
+                                  " AND EXISTS (SELECT 1 FROM events)").fetchone()
+        if missing:
+            conn.execute(build)
 
 
 def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:

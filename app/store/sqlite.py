@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from importlib import resources
 
 from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
-from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, read_page
+from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ _ADD_TOPICS = (
 _WIDEN_BLOCK = (
     "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
     " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
-)
-_SUMMARISE_BLOCKS = (
-    f"INSERT INTO event_blocks (block, min_ts, max_ts) SELECT seq >> {BLOCK_BITS}, min(ts), max(ts)"
-    " FROM events WHERE seq > ? GROUP BY 1"
 )
 _MAP_BUCKETS = (
     f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
@@ -165,13 +161,7 @@ class SQLiteStore(Store):
                 # Switching to WAL is persistent and idempotent; it needs no open transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(f"BEGIN IMMEDIATE; {schema}")
-                # A database from before a summary table gets that summary built, once.
-                for table, build in (("event_blocks", _SUMMARISE_BLOCKS),
-                                     ("event_buckets", _MAP_BUCKETS)):
-                    (older,) = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})"
-                                            " AND EXISTS (SELECT 1 FROM events)").fetchone()
-                    if older:
-                        conn.execute(build, (0,))
+                build_missing_summaries(conn)
                 conn.execute("COMMIT")
             finally:
                 conn.close()
