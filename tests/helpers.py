@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -64,6 +67,55 @@ def assert_counters_match_the_table(db: Path | str) -> None:
     assert counters["received"] == counters["unique_processed"] + counters["duplicate_dropped"]
     assert counters["unique_processed"] == rows
     assert topics == actual
+
+
+def publish_overlapping(urls: list[str], ids: list[str], *, batches: int, max_size: int,
+                        topics: tuple[str, ...]) -> tuple[Counter, list[dict], list[str]]:
+    """Have 16 threads post `batches` random batches each, drawn from ids, taking the urls in
+    turn; return every (topic, event_id) sent with its count, the answers, and the errors."""
+    sent, results, errors = Counter(), [], []
+    lock = threading.Lock()
+
+    def publisher(seed: int) -> None:
+        rng = random.Random(seed)
+        sessions = [requests.Session() for _ in urls]
+        for n in range(batches):
+            server = (seed + n) % len(urls)  # every thread uses every server
+            batch = [event(rng.choice(ids), topic=rng.choice(topics))
+                     for _ in range(rng.randint(1, max_size))]
+            response = sessions[server].post(urls[server] + "/publish", json=batch, timeout=30)
+            with lock:
+                if response.status_code != 200:
+                    errors.append(response.text)
+                results.append(response.json())
+                sent.update((e["topic"], e["event_id"]) for e in batch)
+        for session in sessions:
+            session.close()
+
+    threads = [threading.Thread(target=publisher, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sent, results, errors
+
+
+def assert_each_key_once_with_exact_counts(db: Path | str, urls: list[str], sent: Counter,
+                                           results: list[dict]) -> None:
+    """Assert the table holds each key sent once, and the answers and every server's /stats
+    count exactly what was sent."""
+    keys = table_keys(db)
+    assert len(keys) == len(set(keys)) == len(sent)
+    total = sum(sent.values())
+    assert total > len(sent)  # there were duplicates
+    assert sum(r["received"] for r in results) == total
+    assert sum(r["unique_processed"] for r in results) == len(sent)
+    assert sum(r["duplicate_dropped"] for r in results) == total - len(sent)
+    for url in urls:
+        stats = requests.get(url + "/stats", timeout=10).json()
+        assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
+            total, len(sent), total - len(sent))
+        assert stats["topics"] == dict(Counter(topic for topic, _ in sent))
 
 
 def free_port() -> int:

@@ -7,13 +7,18 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.helpers import assert_counters_match_the_table, event, table_keys
+from tests.helpers import (
+    assert_counters_match_the_table,
+    assert_each_key_once_with_exact_counts,
+    event,
+    publish_overlapping,
+    table_keys,
+)
 
 pytestmark = pytest.mark.backends("postgresql")
 
@@ -37,44 +42,11 @@ def test_replicas_starting_at_once_share_one_schema(replicas, db):
 
 
 def test_overlapping_publishers_over_three_replicas_store_each_key_once(replicas, db):
-    ids = [f"id-{i}" for i in range(3000)]
-    sent, results, errors = Counter(), [], []
-    lock = threading.Lock()
-
-    def publisher(seed: int) -> None:
-        rng = random.Random(seed)
-        sessions = [requests.Session() for _ in replicas]
-        for n in range(30):
-            replica = (seed + n) % len(replicas)  # every thread uses every replica
-            batch = [event(rng.choice(ids), topic=rng.choice(["a", "b", "c"]))
-                     for _ in range(rng.randint(1, 200))]
-            response = sessions[replica].post(replicas[replica].url + "/publish", json=batch,
-                                              timeout=30)
-            with lock:
-                if response.status_code != 200:
-                    errors.append(response.text)
-                results.append(response.json())
-                sent.update((e["topic"], e["event_id"]) for e in batch)
-        for session in sessions:
-            session.close()
-
-    threads = [threading.Thread(target=publisher, args=(seed,)) for seed in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    urls = [server.url for server in replicas]
+    sent, results, errors = publish_overlapping(
+        urls, [f"id-{i}" for i in range(3000)], batches=30, max_size=200, topics=("a", "b", "c"))
     assert errors == []
-    keys = table_keys(db)
-    assert len(keys) == len(set(keys)) == len(sent)
-    total = sum(sent.values())
-    assert total > len(sent)  # there were duplicates, across replicas too
-    assert sum(r["unique_processed"] for r in results) == len(sent)
-    assert sum(r["duplicate_dropped"] for r in results) == total - len(sent)
-    for server in replicas:
-        stats = requests.get(server.url + "/stats", timeout=10).json()
-        assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
-            total, len(sent), total - len(sent))
-        assert stats["topics"] == dict(Counter(topic for topic, _ in sent))
+    assert_each_key_once_with_exact_counts(db, urls, sent, results)
     assert_counters_match_the_table(db)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,14 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.helpers import ROOT, db_counters, event, table_keys
+from tests.helpers import (
+    ROOT,
+    assert_each_key_once_with_exact_counts,
+    db_counters,
+    event,
+    publish_overlapping,
+    table_keys,
+)
 
 
 def stats(url: str) -> dict:
@@ -39,39 +45,11 @@ def load(url: str, worker: int, size: int, stop: threading.Event, acknowledged: 
 
 def test_concurrent_overlapping_publishers_store_each_key_once(gunicorn, db):
     server = gunicorn(workers=2, writers=2)
-    ids = [f"id-{i}" for i in range(400)]
-    sent, results, errors = Counter(), [], []
-    lock = threading.Lock()
-
-    def publisher(seed: int) -> None:
-        rng = random.Random(seed)
-        with requests.Session() as session:
-            for _ in range(15):
-                batch = [event(rng.choice(ids), topic=rng.choice(["a", "b"]))
-                         for _ in range(rng.randint(1, 40))]
-                response = session.post(server.url + "/publish", json=batch, timeout=30)
-                with lock:
-                    if response.status_code != 200:
-                        errors.append(response.text)
-                    results.append(response.json())
-                    sent.update((e["topic"], e["event_id"]) for e in batch)
-
-    threads = [threading.Thread(target=publisher, args=(seed,)) for seed in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    sent, results, errors = publish_overlapping(
+        [server.url], [f"id-{i}" for i in range(400)], batches=15, max_size=40,
+        topics=("a", "b"))
     assert errors == []
-    keys = table_keys(db)
-    assert len(keys) == len(set(keys)) == len(sent)
-    total = sum(sent.values())
-    assert sum(r["received"] for r in results) == total
-    assert sum(r["unique_processed"] for r in results) == len(sent)
-    assert sum(r["duplicate_dropped"] for r in results) == total - len(sent)
-    now = stats(server.url)
-    assert (now["received"], now["unique_processed"], now["duplicate_dropped"]) == (
-        total, len(sent), total - len(sent))
-    assert now["topics"] == dict(Counter(topic for topic, _ in sent))
+    assert_each_key_once_with_exact_counts(db, [server.url], sent, results)
 
 
 def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db):
