@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 import requests
+import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
@@ -38,11 +39,40 @@ def test_every_copy_source_exists_and_the_image_runs_as_non_root(name):
     assert re.search(r'^CMD \["', text, re.M)
 
 
+def compose_file() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
 def test_compose_environment_names_are_honoured_by_the_code():
-    text = (ROOT / "compose.yaml").read_text()
-    names = set(re.findall(r"^\s{6}([A-Z_]+):", text, re.M))
+    services = compose_file()["services"]
     known = set(AGGREGATOR_VARIABLES) | {v[0] for v in PUBLISHER_OPTIONS.values()}
-    assert names and names <= known, names - known
+    entrypoint = (ROOT / "deploy/postgres/entrypoint.sh").read_text()
+    for name, service in services.items():
+        names = set(service.get("environment", {}))
+        if name == "postgres":
+            assert names and all(f"${{{n}" in entrypoint for n in names), names
+        else:
+            assert names <= known, (name, names - known)
+    assert {n for n, s in services.items() if s.get("environment")} == {
+        "aggregator", "publisher", "postgres", "aggregator-1", "aggregator-2", "aggregator-3",
+        "cluster-publisher"}
+
+
+def test_compose_profiles_keep_single_server_and_cluster_apart():
+    services = compose_file()["services"]
+    profiles = {name: service.get("profiles") for name, service in services.items()}
+    assert {n for n, p in profiles.items() if p == ["single"]} == {"aggregator", "publisher"}
+    assert {n for n, p in profiles.items() if p == ["cluster"]} == {
+        "postgres", "aggregator-1", "aggregator-2", "aggregator-3", "nginx", "cluster-publisher"}
+    # `docker compose up` with no flags runs the single server: .env names its profile.
+    assert re.search(r"^COMPOSE_PROFILES=single$", (ROOT / ".env").read_text(), re.M)
+    # nginx balances over exactly the cluster's replicas, on the port the publisher uses.
+    conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    assert re.findall(r"server (aggregator-\d):8080", conf) == [
+        "aggregator-1", "aggregator-2", "aggregator-3"]
+    assert services["cluster-publisher"]["environment"]["PUBLISHER_URL"] == "http://nginx:8080"
+    for replica in ("aggregator-1", "aggregator-2", "aggregator-3"):
+        assert services[replica]["environment"]["DATABASE_URL"].startswith("postgresql://")
 
 
 def test_healthcheck_command_passes_on_a_live_server_and_fails_on_none(gunicorn):
@@ -61,9 +91,8 @@ def docker_available() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
 
 
-@pytest.fixture
-def compose():
-    """Run `docker compose` for a throw-away project on a free loopback port."""
+def compose_project(*profile: str):
+    """`docker compose` for a throw-away project on a free loopback port; `down` on exit."""
     if not docker_available():
         if os.environ.get("CI"):
             pytest.fail("CI needs a Docker engine: .ci/run starts one")
@@ -73,14 +102,26 @@ def compose():
     env = {**os.environ, "AGGREGATOR_PORT": str(port), "AGGREGATOR_HOST_IP": "127.0.0.1"}
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(["docker", "compose", "-p", project, *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(["docker", "compose", "-p", project, *profile, *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=timeout)
 
     run.url = f"http://127.0.0.1:{port}"
     try:
         yield run
     finally:
         run("down", "-v", "--timeout", "40")
+
+
+@pytest.fixture
+def compose():
+    """The default profile: one aggregator on SQLite and its publisher."""
+    yield from compose_project()
+
+
+@pytest.fixture
+def cluster():
+    """The cluster profile: PostgreSQL, three replicas, nginx, and the cluster's publisher."""
+    yield from compose_project("--profile", "cluster")
 
 
 def container_state(compose, service: str) -> dict:
@@ -106,6 +147,11 @@ def stats(url: str) -> dict:
     return requests.get(url + "/stats", timeout=10).json()
 
 
+def healthy(compose, *services: str) -> bool:
+    return all(container_state(compose, service).get("Health", {}).get("Status") == "healthy"
+               for service in services)
+
+
 def count_events(url: str) -> int:
     total, cursor = 0, None
     while True:
@@ -117,13 +163,21 @@ def count_events(url: str) -> int:
             return total
 
 
-def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
+def up_and_publish(compose, publisher: str) -> None:
+    """`up --build -d`; the publisher service exits 0 with all 6000 events acknowledged."""
     up = compose("up", "--build", "-d")
     assert up.returncode == 0, up.stderr[-3000:]
-    publisher = wait_for(lambda: (s := container_state(compose, "publisher"))
-                         and s["Status"] == "exited" and s, 180, "the publisher to exit")
-    assert publisher["ExitCode"] == 0, compose("logs", "publisher").stdout[-3000:]
-    assert "acknowledged       6000" in compose("logs", "publisher").stdout
+    state = wait_for(lambda: (s := container_state(compose, publisher))
+                     and s["Status"] == "exited" and s, 300, "the publisher to exit")
+    logs = compose("logs", publisher).stdout
+    assert state["ExitCode"] == 0, logs[-3000:]
+    assert "acknowledged       6000" in logs
+
+
+def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
+    up_and_publish(compose, "publisher")
+    # Plain `docker compose up` is the single server: none of the cluster runs.
+    assert container_state(compose, "postgres") == {}
     assert container_state(compose, "aggregator")["Health"]["Status"] == "healthy"
     assert "(healthy)" in compose("ps", "aggregator").stdout
     before = stats(compose.url)
@@ -131,8 +185,7 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
         6000, 5000, 1000)
 
     assert compose("restart", "aggregator").returncode == 0
-    wait_for(lambda: container_state(compose, "aggregator").get("Health", {}).get("Status")
-             == "healthy", 90, "the aggregator to be healthy again")
+    wait_for(lambda: healthy(compose, "aggregator"), 90, "the aggregator to be healthy again")
     after = stats(compose.url)
     for key in ("received", "unique_processed", "duplicate_dropped", "topics"):
         assert after[key] == before[key]
@@ -144,3 +197,57 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(first.stdout.splitlines()[-1])["unique"] == 200
     assert json.loads(second.stdout.splitlines()[-1])["duplicates"] == 200
+
+
+CLUSTER = ("postgres", "aggregator-1", "aggregator-2", "aggregator-3", "nginx")
+COUNTS = ("received", "unique_processed", "duplicate_dropped", "topics")
+
+
+def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cluster):
+    up_and_publish(cluster, "cluster-publisher")
+    assert healthy(cluster, *CLUSTER)
+    # The single-server profile is not running alongside.
+    assert container_state(cluster, "aggregator") == {}
+
+    # nginx spreads requests over all three replicas; each answers the same counts.
+    answers = [requests.get(cluster.url + "/stats", timeout=10) for _ in range(9)]
+    assert len({answer.headers["X-Upstream"] for answer in answers}) == 3
+    counts = [{key: answer.json()[key] for key in COUNTS} for answer in answers]
+    assert (counts[0]["received"], counts[0]["unique_processed"],
+            counts[0]["duplicate_dropped"], sum(counts[0]["topics"].values())) == (
+        6000, 5000, 1000, 5000)
+    assert all(count == counts[0] for count in counts)
+    # A cursor read on one replica is continued on the next.
+    assert count_events(cluster.url) == 5000
+
+    # One replica SIGKILLed: publishing through nginx still succeeds, every event stored once.
+    assert cluster("kill", "-s", "SIGKILL", "aggregator-2").returncode == 0
+    # --no-deps: `run` would otherwise start the killed replica again.
+    again = ("run", "--rm", "--no-deps", "cluster-publisher", "python", "-m", "publisher",
+             "--events", "200", "--duplicate-rate", "0", "--seed", "77", "--json")
+    first = cluster(*again)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.splitlines()[-1])["unique"] == 200
+    assert container_state(cluster, "aggregator-2")["Status"] == "exited"
+    before = stats(cluster.url)
+    assert (before["received"], before["unique_processed"]) == (6200, 5200)
+
+    # The whole cluster restarted, PostgreSQL included: the data is on its volume.
+    assert cluster("restart", *CLUSTER).returncode == 0
+    wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the cluster to be healthy again")
+    after = stats(cluster.url)
+    assert {key: after[key] for key in COUNTS} == {key: before[key] for key in COUNTS}
+    assert count_events(cluster.url) == 5200
+    answers = [requests.get(cluster.url + "/health/ready", timeout=10) for _ in range(6)]
+    assert len({answer.headers["X-Upstream"] for answer in answers}) == 3
+    second = cluster(*again)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(second.stdout.splitlines()[-1])["duplicates"] == 200
+
+    # Containers removed and created anew: only the named volume carries the data.
+    assert cluster("down", "--timeout", "40").returncode == 0
+    assert cluster("up", "-d", *CLUSTER).returncode == 0
+    wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the new cluster to be healthy")
+    final = stats(cluster.url)
+    assert (final["received"], final["unique_processed"]) == (6400, 5200)
+    assert count_events(cluster.url) == 5200
