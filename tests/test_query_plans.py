@@ -1,8 +1,10 @@
-"""Every plan of SQLiteStore.events (topic/source index, block summary for time ranges)
-returns exactly what a plain filter over every stored event returns, page after page."""
+"""Every plan of Store.events (topic/source index, block summary and bucket map for time
+ranges) returns exactly what a plain filter over every stored event returns, page after
+page, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 
@@ -15,8 +17,23 @@ HOUR = 3600 * 10**6
 EVENTS = 30_000
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def open_store(request, tmp_path_factory, name: str):
+    """A new, empty store of the fixture's backend: (store, opener of another instance on the
+    same data, opener of a plain DB-API connection to it)."""
+    if request.param == "sqlite":
+        path = str(tmp_path_factory.mktemp(name) / f"{name}.db")
+        return SQLiteStore(path), lambda: SQLiteStore(path), lambda: sqlite3.connect(path)
+    import psycopg
+
+    from app.store.postgresql import PostgresStore
+
+    url = request.getfixturevalue("postgres").fresh_url()
+    return (PostgresStore(url), lambda: PostgresStore(url),
+            lambda: psycopg.connect(url, autocommit=True))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store(request, tmp_path_factory):
     """A store of EVENTS events: the first half in time order, the rest replayed at random
     times, a rare topic and source, and duplicates that must not widen anything."""
     rng = random.Random(5)
@@ -26,13 +43,13 @@ def store(tmp_path_factory):
         topic = "rare" if i % 997 == 0 else f"t{i % 3}"
         source = "lonely" if i == EVENTS - 5 else f"s{i % 5}"
         rows.append((topic, f"e{i}", ts, f"text-{ts}", source, "{}"))
-    path = tmp_path_factory.mktemp("plans") / "plans.db"
-    store = SQLiteStore(str(path))
+    store, reopen, connect = open_store(request, tmp_path_factory, "plans")
     writer = store.writer()
     for start in range(0, EVENTS, 1000):
         batch = rows[start:start + 1000]
         writer.write([Batch(batch + rng.sample(batch, 50))])  # re-sends: duplicates
     writer.close()
+    store.reopen, store.connect = reopen, connect
     yield store, rows
     store.close()
 
@@ -47,7 +64,7 @@ def reference(rows, query: EventQuery) -> list[str]:
     return found[::-1] if query.descending else found
 
 
-def read_all(store: SQLiteStore, query: EventQuery) -> list[str]:
+def read_all(store, query: EventQuery) -> list[str]:
     """Page through the query with the cursor, as a client would."""
     ids, after = [], None
     while True:
@@ -85,29 +102,48 @@ def test_every_page_matches_a_plain_filter(store, filters, limit, descending):
     assert read_all(store, query) == reference(rows, query)
 
 
+def stored_seqs(store) -> list[int]:
+    with contextlib.closing(store.connect()) as conn:
+        return [seq for (seq,) in conn.execute("SELECT seq FROM events ORDER BY seq")]
+
+
 def test_a_cursor_deep_in_the_store_starts_right_after_it(store):
     store, rows = store
-    after = EVENTS - 1234
-    query = EventQuery(since=0, until=EVENTS * 10**6, after=after, limit=50)
-    assert [e.seq for e in store.events(query)] == list(range(after + 1, after + 51))
-    backwards = store.events(EventQuery(since=0, after=after, limit=50, descending=True))
-    assert [e.seq for e in backwards] == list(range(after - 1, after - 51, -1))
+    seqs = stored_seqs(store)  # PostgreSQL's have gaps: a conflicting row uses up its number
+    assert len(seqs) == EVENTS
+    at = EVENTS - 1234
+    query = EventQuery(since=0, until=EVENTS * 10**6, after=seqs[at], limit=50)
+    assert [e.seq for e in store.events(query)] == seqs[at + 1:at + 51]
+    backwards = store.events(EventQuery(since=0, after=seqs[at], limit=50, descending=True))
+    assert [e.seq for e in backwards] == seqs[at - 50:at][::-1]
 
 
-def test_an_older_database_gets_its_summaries_on_open(store, tmp_path):
+def test_an_older_database_gets_its_summaries_on_open(store):
+    """A database from before the summaries (emptied here) gets them built on open: each
+    block's exact timestamp bounds (the writer's own may be wider: a commit's bounds), and
+    the same bucket map the writer made commit by commit."""
     store, rows = store
-    copy = tmp_path / "older.db"
-    with sqlite3.connect(store.path) as source, sqlite3.connect(copy) as target:
-        source.backup(target)
-        buckets = target.execute("SELECT * FROM event_buckets ORDER BY 1, 2").fetchall()
-        target.execute("DELETE FROM event_blocks")
-        target.execute("DELETE FROM event_buckets")
-    older = SQLiteStore(str(copy))
+    blocks_sql = "SELECT block, min_ts, max_ts FROM event_blocks ORDER BY block"
+    buckets_sql = "SELECT bucket, sub FROM event_buckets ORDER BY bucket, sub"
+    with contextlib.closing(store.connect()) as conn:
+        written = conn.execute(blocks_sql).fetchall()
+        buckets = conn.execute(buckets_sql).fetchall()
+        exact = {}
+        for seq, ts in conn.execute("SELECT seq, ts FROM events"):
+            low, high = exact.get(seq >> BLOCK_BITS, (ts, ts))
+            exact[seq >> BLOCK_BITS] = (min(low, ts), max(high, ts))
+        conn.execute("DELETE FROM event_blocks")
+        conn.execute("DELETE FROM event_buckets")
+        conn.commit()
+    assert [block for block, _, _ in written] == sorted(exact)
+    assert all(low <= exact[block][0] and high >= exact[block][1]
+               for block, low, high in written)
+    older = store.reopen()
     try:
-        with sqlite3.connect(copy) as conn:
-            (blocks,) = conn.execute("SELECT count(*) FROM event_blocks").fetchone()
-            assert blocks == (EVENTS >> BLOCK_BITS) + 1
-            assert conn.execute("SELECT * FROM event_buckets ORDER BY 1, 2").fetchall() == buckets
+        with contextlib.closing(store.connect()) as conn:
+            assert conn.execute(blocks_sql).fetchall() == [
+                (block, *bounds) for block, bounds in sorted(exact.items())]
+            assert conn.execute(buckets_sql).fetchall() == buckets
         for filters in (QUERIES[5], QUERIES[8]):
             query = EventQuery(**filters, limit=1000)
             assert read_all(older, query) == reference(rows, query)
@@ -118,16 +154,15 @@ def test_an_older_database_gets_its_summaries_on_open(store, tmp_path):
 STREAM = 120_000
 
 
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stream(request, tmp_path_factory):
     """STREAM events one second apart, 1 in 20 a replay from up to STREAM seconds before the
     stream began: a time range before it holds a few replays scattered over every block."""
     rng = random.Random(9)
     rows = [(f"t{i % 3}", f"s{i}", ts, f"text-{ts}", f"s{i % 5}", "{}")
             for i in range(STREAM)
             for ts in [rng.randrange(-STREAM, i) * 10**6 if i % 20 == 0 else i * 10**6]]
-    path = tmp_path_factory.mktemp("stream") / "stream.db"
-    store = SQLiteStore(str(path))
+    store, _, _ = open_store(request, tmp_path_factory, "stream")
     writer = store.writer()
     for start in range(0, STREAM, 5000):
         writer.write([Batch(rows[start:start + 5000])])
