@@ -205,7 +205,7 @@ class Ingestor:
         except StoreError as exc:
             # The database's own trouble (full, locked, gone): every batch shares it.
             log.error("group commit of %d batches failed: %s", len(group), exc)
-            self._fail(group, started, exc)
+            self._fail(writer, group, started, exc)
         except Exception as exc:
             if len(group) > 1:
                 # Something in one batch broke the transaction: commit each batch alone,
@@ -216,19 +216,20 @@ class Ingestor:
                     self._commit(writer, [item])
                 return
             log.exception("commit of one batch failed")
-            self._fail(group, started, StoreError(f"commit failed: {exc}"))
+            self._fail(writer, group, started, StoreError(f"commit failed: {exc}"))
         else:
             self._failure = None
-            self._observe(group, started, ok=True)
+            self._observe(writer, group, started, ok=True)
             for item, new in zip(group, stored, strict=True):
                 item.future.set_result(new)
 
-    def _fail(self, group: list[_Item], started: float, error: StoreError) -> None:
+    def _fail(self, writer, group: list[_Item], started: float, error: StoreError) -> None:
         self._failure = (time.monotonic(), error)
-        self._observe(group, started, ok=False)
+        self._observe(writer, group, started, ok=False)
         for item in group:
             item.future.set_exception(error)
 
-    def _observe(self, group: list[_Item], started: float, *, ok: bool) -> None:
+    def _observe(self, writer, group: list[_Item], started: float, *, ok: bool) -> None:
         if self._metrics is not None:
-            self._metrics.observe_commit(sum(len(i.batch.rows) for i in group), started, ok)
+            self._metrics.observe_commit(sum(len(i.batch.rows) for i in group), started, ok,
+                                         writer.lock_wait_s, writer.lock_held_s)

@@ -67,6 +67,14 @@ class Metrics:
                                         buckets=SECOND_BUCKETS)
         self.commit_failures = Counter("aggregator_commit_failures",
                                        "Group commits that failed.", registry=own)
+        self.write_lock_wait = Counter(
+            "aggregator_write_lock_wait_seconds",
+            "Time writers waited for the write lock (one writer at a time, every process).",
+            registry=own)
+        self.write_lock_held = Counter(
+            "aggregator_write_lock_held_seconds",
+            "Time writers held the write lock. Its rate near 1 (s/s) means the single writer "
+            "is the limit: more workers or replicas will not ingest faster.", registry=own)
         self.publish_seconds = Histogram("aggregator_publish_request_duration_seconds",
                                          "POST /publish duration, by status.", ["status"],
                                          registry=own, buckets=SECOND_BUCKETS)
@@ -74,8 +82,11 @@ class Metrics:
         if own is not None:
             own.register(self._database)
 
-    def observe_commit(self, events: int, started: float, ok: bool) -> None:
-        """Record one group commit."""
+    def observe_commit(self, events: int, started: float, ok: bool,
+                       lock_wait: float = 0.0, lock_held: float = 0.0) -> None:
+        """Record one group commit, and its time waiting for and holding the write lock."""
+        self.write_lock_wait.inc(lock_wait)
+        self.write_lock_held.inc(lock_held)
         if ok:
             self.commit_events.observe(events)
             self.commit_seconds.observe(time.perf_counter() - started)

@@ -10,10 +10,13 @@ import argparse
 import http.client
 import json
 import multiprocessing as mp
+import os
 import resource
 import tempfile
 import time
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     ROOT,
@@ -95,6 +98,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             for status, count in result[2].items():
                 statuses[status] = statuses.get(status, 0) + count
         stats = json.loads(_get(server.port, "/stats"))
+        lock_held = sum(_write_lock_held(each.port) for each in servers)
     finally:
         for each in servers:
             each.stop()
@@ -104,7 +108,17 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             "peak_rss_mib": peak_mib, "worker_cpu_s": cpu,
             "client_cpu_s": round(client_cpu.ru_utime + client_cpu.ru_stime - client_before, 2),
             "retries": sum(r[1] for r in results), "statuses": statuses,
+            "write_lock_held_share": lock_held / elapsed,
             "stored": stats["unique_processed"], "duplicates": stats["duplicate_dropped"]}
+
+
+def _write_lock_held(port: int) -> float:
+    """Seconds the server's writers held the write lock (its /metrics counter)."""
+    for family in text_string_to_metric_families(_get(port, "/metrics")):
+        if family.name == "aggregator_write_lock_held_seconds":
+            return sum(sample.value for sample in family.samples
+                       if sample.name.endswith("_total"))
+    raise RuntimeError("no aggregator_write_lock_held_seconds in /metrics")
 
 
 def _get(port: int, path: str) -> str:
@@ -144,19 +158,33 @@ def main() -> None:
         assert e2e["stored"] == unique and e2e["duplicates"] == len(events) - unique, e2e
         e2e["ceiling_events_per_s"] = base
         e2e["ratio"] = e2e["events_per_s"] / base
+        # What the CPU allows: the workers' and clients' CPU per event, against the 2 cores.
+        cpu_s = sum(e2e["worker_cpu_s"]) + e2e["client_cpu_s"]
+        e2e["cpu_us_per_event"] = cpu_s / len(events) * 1e6
+        e2e["ceiling_us_per_event"] = 1e6 / base
+        e2e["cores_busy"] = cpu_s / e2e["elapsed_s"]
+        e2e["ratio_if_both_cores_busy"] = (os.cpu_count() or 1) / cpu_s * len(events) / base
         runs.append(e2e)
         print(f"run {run + 1}: end-to-end {e2e['events_per_s']:>9,.0f} ev/s | ceiling "
               f"{base:>9,.0f} ev/s | ratio {e2e['ratio']:.2f} | p50 {e2e['p50_ms']:.1f} ms "
               f"p99 {e2e['p99_ms']:.1f} ms | peak RSS {e2e['peak_rss_mib']:.0f} MiB | "
               f"worker CPU s {e2e['worker_cpu_s']} clients {e2e['client_cpu_s']} | "
               f"retries {e2e['retries']}")
+        print(f"       CPU per event {e2e['cpu_us_per_event']:.1f} us (workers + clients) vs "
+              f"ceiling {e2e['ceiling_us_per_event']:.1f} us | cores busy "
+              f"{e2e['cores_busy']:.2f} of {os.cpu_count()} | ratio if every core were busy "
+              f"{e2e['ratio_if_both_cores_busy']:.2f} | write lock held "
+              f"{e2e['write_lock_held_share']:.0%} of the run")
     summary = {key: median([r[key] for r in runs]) for key in
                ("events_per_s", "ceiling_events_per_s", "ratio", "p50_ms", "p99_ms",
-                "peak_rss_mib")}
+                "peak_rss_mib", "cpu_us_per_event", "ceiling_us_per_event", "cores_busy",
+                "ratio_if_both_cores_busy", "write_lock_held_share")}
     print(f"median of {len(runs)}: end-to-end {summary['events_per_s']:,.0f} ev/s, ceiling "
           f"{summary['ceiling_events_per_s']:,.0f} ev/s, ratio {summary['ratio']:.2f}, "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
-          f"peak RSS {summary['peak_rss_mib']:.0f} MiB")
+          f"peak RSS {summary['peak_rss_mib']:.0f} MiB; cores busy {summary['cores_busy']:.2f}, "
+          f"ratio if every core were busy {summary['ratio_if_both_cores_busy']:.2f}, "
+          f"write lock held {summary['write_lock_held_share']:.0%} of the run")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                      "runs": runs, "median": summary}, indent=2))

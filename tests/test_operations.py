@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
@@ -48,6 +50,31 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
         assert samples["aggregator_ingest_queue_depth{}"] == 0
         assert any(k.startswith("aggregator_build_info{") for k in samples)
         assert samples["aggregator_commit_duration_seconds_count{}"] >= 1
+        # Each commit's wait for the write lock and its hold of it are inside its duration.
+        held = samples["aggregator_write_lock_held_seconds_total{}"]
+        wait = samples["aggregator_write_lock_wait_seconds_total{}"]
+        assert held > 0 and wait >= 0
+        assert held + wait <= samples["aggregator_commit_duration_seconds_sum{}"]
+
+
+@pytest.mark.backends("sqlite")
+def test_time_waiting_for_the_write_lock_is_counted(gunicorn, db_path):
+    """Another process holds the writers' lock (the flock on <db>.lock) for a second: the
+    publish waits for it, and the wait is in aggregator_write_lock_wait_seconds."""
+    server = gunicorn(workers=1)
+    assert requests.post(server.url + "/publish", json=[event("warm")], timeout=10).ok
+    with open(f"{db_path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        timer = threading.Timer(1.0, fcntl.flock, (lock, fcntl.LOCK_UN))
+        timer.start()
+        try:
+            answer = requests.post(server.url + "/publish", json=[event("waited")], timeout=10)
+        finally:
+            timer.join()
+    assert answer.status_code == 200
+    samples = scrape(server.url)
+    assert 0.9 <= samples["aggregator_write_lock_wait_seconds_total{}"] < 5
+    assert samples["aggregator_write_lock_held_seconds_total{}"] < 0.9
 
 
 def test_openapi_document_validates_and_lists_every_route(app, client):

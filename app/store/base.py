@@ -66,7 +66,15 @@ class EventQuery:
 
 
 class Writer:
-    """A write connection owned by one writer thread."""
+    """A write connection owned by one writer thread.
+
+    Writers of every process take turns under one write lock (SQLite has one writer; the
+    PostgreSQL backend serialises writers to keep seq in commit order). After each write(),
+    lock_wait_s and lock_held_s say how long it waited for that lock and then held it.
+    """
+
+    lock_wait_s: float = 0.0
+    lock_held_s: float = 0.0
 
     def write(self, batches: list[Batch]) -> list[int]:
         """Commit every batch in ONE transaction; return each batch's newly stored count.

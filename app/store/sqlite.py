@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from importlib import resources
 
@@ -92,12 +93,15 @@ class SQLiteWriter(Writer):
 
     def write(self, batches: list[Batch]) -> list[int]:
         """Commit every batch in one transaction; return each batch's newly stored count."""
+        asked = time.perf_counter()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        got = time.perf_counter()
         try:
             with translated_errors():
                 return self._write_locked(batches)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self.lock_wait_s, self.lock_held_s = got - asked, time.perf_counter() - got
 
     def _write_locked(self, batches: list[Batch]) -> list[int]:
         cur = self._conn.cursor()
