@@ -101,24 +101,25 @@ class PostgresWriter(Writer):
             with translated_errors():
                 if self._conn is None or self._conn.closed:
                     self._conn = connect(self._url, autocommit=True)
-                self._locked_at, self.lock_wait_s, self.lock_held_s = None, 0.0, 0.0
+                self.lock_wait_s, self.lock_held_s, locked_at = 0.0, 0.0, None
                 try:
                     with self._conn.transaction():
-                        return self._write_locked(self._conn.cursor(), batches)
+                        cur = self._conn.cursor()
+                        asked = time.perf_counter()
+                        cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                        locked_at = time.perf_counter()
+                        self.lock_wait_s = locked_at - asked
+                        return self._write_locked(cur, batches)
                 finally:
                     # The lock is the transaction's: held until it commits or rolls back.
-                    if self._locked_at is not None:
-                        self.lock_held_s = time.perf_counter() - self._locked_at
+                    if locked_at is not None:
+                        self.lock_held_s = time.perf_counter() - locked_at
         except StoreError:
             # The connection may be broken; the next write opens a new one.
             self.close()
             raise
 
     def _write_locked(self, cur: psycopg.Cursor, batches: list[Batch]) -> list[int]:
-        asked = time.perf_counter()
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-        self._locked_at = time.perf_counter()
-        self.lock_wait_s = self._locked_at - asked
         stored, new = [], []
         for batch in batches:
             rows = []
