@@ -178,7 +178,7 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     up_and_publish(compose, "publisher")
     # Plain `docker compose up` is the single server: none of the cluster runs.
     assert container_state(compose, "postgres") == {}
-    assert container_state(compose, "aggregator")["Health"]["Status"] == "healthy"
+    assert healthy(compose, "aggregator")
     assert "(healthy)" in compose("ps", "aggregator").stdout
     before = stats(compose.url)
     assert (before["received"], before["unique_processed"], before["duplicate_dropped"]) == (
