@@ -10,9 +10,10 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 
 from .metrics import Metrics
-from .store import Batch, Store, StoreError
+from .store import Batch, More, Store, StoreError, nothing_more
 
 log = logging.getLogger(__name__)
 
@@ -178,30 +179,40 @@ class Ingestor:
                     if stopping:
                         return
                     continue
-                self._commit(writer, self._drain(first))
+                group = [first]
+                self._commit(writer, group, partial(self._drain, group))
         finally:
             writer.close()
 
-    def _drain(self, first: _Item) -> list[_Item]:
-        group, events = [first], len(first.batch.rows)
+    def _drain(self, group: list[_Item]) -> list[Batch]:
+        """Move queued items into the group, up to MAX_COMMIT_EVENTS; return their batches.
+
+        Called once the writer holds the write lock, so the group also takes every batch
+        queued while it waited for its turn.
+        """
+        events, added = sum(len(item.batch.rows) for item in group), []
         while events < MAX_COMMIT_EVENTS:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            group.append(item)
+            added.append(item)
             events += len(item.batch.rows)
-        return group
+        group += added
+        self._track_depth()
+        return [item.batch for item in added]
 
     def _track_depth(self) -> None:
         if self._metrics is not None:
             self._metrics.queue_depth.set(self._queue.qsize())
 
-    def _commit(self, writer, group: list[_Item]) -> None:
+    def _commit(self, writer, group: list[_Item], more: More = nothing_more) -> None:
+        """Commit the group's batches and those more() adds to it, and settle every item's
+        future: with its count, or with the error when the commit fails."""
         self._track_depth()
         started = time.perf_counter()
         try:
-            stored = writer.write([item.batch for item in group])
+            stored = writer.write([item.batch for item in group], more)
         except StoreError as exc:
             # The database's own trouble (full, locked, gone): every batch shares it.
             log.error("group commit of %d batches failed: %s", len(group), exc)

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -75,6 +77,57 @@ def test_time_waiting_for_the_write_lock_is_counted(gunicorn, db_path):
     samples = scrape(server.url)
     assert 0.9 <= samples["aggregator_write_lock_wait_seconds_total{}"] < 5
     assert samples["aggregator_write_lock_held_seconds_total{}"] < 0.9
+
+
+@contextmanager
+def write_lock_held_outside(db):
+    """Hold the writers' lock from outside the server: the flock on <db>.lock for SQLite,
+    the advisory lock on the database for PostgreSQL."""
+    if isinstance(db, str):
+        import psycopg
+
+        from app.store.postgresql import WRITE_LOCK
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
+            yield
+            conn.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK,))
+        return
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def test_batches_queued_while_the_writer_waits_for_its_turn_join_its_commit(gunicorn, db):
+    """The writer takes a batch and waits for the write lock; the batches queued meanwhile
+    go into the same commit once its turn comes: one commit of three batches, not three."""
+    server = gunicorn(workers=1)
+    assert requests.post(server.url + "/publish", json=[event("warm")], timeout=10).ok
+    before = scrape(server.url)
+    answers: list[int] = []
+
+    def publish(n: int) -> None:
+        batch = [event(f"turn{n}-{i}") for i in range(20)]
+        answers.append(requests.post(server.url + "/publish", json=batch, timeout=30).status_code)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(3)]
+    with write_lock_held_outside(db):
+        for thread in threads:
+            thread.start()
+        # One batch is with the writer (waiting for the lock), two wait in the queue.
+        deadline = time.monotonic() + 10
+        while scrape(server.url)["aggregator_ingest_queue_depth{}"] < 2:
+            assert time.monotonic() < deadline, "the batches never queued"
+            time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert answers == [200, 200, 200]
+    after = scrape(server.url)
+    commits = "aggregator_commit_events_count{}"
+    assert after[commits] - before[commits] == 1
+    assert after["aggregator_commit_events_sum{}"] - before["aggregator_commit_events_sum{}"] == 60
+    assert after["aggregator_events_stored_total{}"] == 61
 
 
 def test_openapi_document_validates_and_lists_every_route(app, client):

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import Batch, Counters, EventQuery, Row, Store, StoredEvent, StoreError, StoreFull
+from .base import (
+    Batch,
+    Counters,
+    EventQuery,
+    More,
+    Row,
+    Store,
+    StoredEvent,
+    StoreError,
+    StoreFull,
+    nothing_more,
+)
 from .sqlite import SQLiteStore
 
-__all__ = ["Batch", "Counters", "EventQuery", "Row", "StoredEvent", "Store", "StoreError",
-           "StoreFull", "open_store"]
+__all__ = ["Batch", "Counters", "EventQuery", "More", "Row", "StoredEvent", "Store", "StoreError",
+           "StoreFull", "nothing_more", "open_store"]
 
 
 def open_store(config: Config) -> Store:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A validated event ready to store: (topic, event_id, ts_us, timestamp, source, payload_json).
@@ -26,6 +27,14 @@ class Batch:
 
     rows: list[Row] = field(default_factory=list)
     rejected: int = 0
+
+
+# What a writer calls once it holds the write lock: further batches for the same commit.
+More = Callable[[], list[Batch]]
+
+
+def nothing_more() -> list[Batch]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -76,11 +85,15 @@ class Writer:
     lock_wait_s: float = 0.0
     lock_held_s: float = 0.0
 
-    def write(self, batches: list[Batch]) -> list[int]:
+    def write(self, batches: list[Batch], more: More = nothing_more) -> list[int]:
         """Commit every batch in ONE transaction; return each batch's newly stored count.
 
-        Counters are updated in the same transaction. Raises StoreError (and
-        stores nothing) when the transaction cannot commit.
+        Once the write lock is held, more() is called once and the batches it returns are
+        committed in the same transaction, after the others (their counts follow too): a
+        writer that waited for its turn takes what was queued meanwhile, so writers that
+        take turns commit larger groups, fewer times. Counters are updated in the same
+        transaction. Raises StoreError (and stores nothing) when the transaction cannot
+        commit.
         """
         raise NotImplementedError
 

@@ -18,7 +18,18 @@ import psycopg
 from psycopg import IsolationLevel, errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
+from .base import (
+    Batch,
+    Counters,
+    EventQuery,
+    More,
+    Store,
+    StoredEvent,
+    StoreError,
+    StoreFull,
+    Writer,
+    nothing_more,
+)
 from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
@@ -95,8 +106,8 @@ class PostgresWriter(Writer):
         self._url = url
         self._conn: psycopg.Connection | None = connect(url, autocommit=True)
 
-    def write(self, batches: list[Batch]) -> list[int]:
-        """Commit every batch in one transaction; return each batch's newly stored count."""
+    def write(self, batches: list[Batch], more: More = nothing_more) -> list[int]:
+        """Commit every batch, then more()'s, in one transaction (see Writer.write)."""
         try:
             with translated_errors():
                 if self._conn is None or self._conn.closed:
@@ -109,7 +120,7 @@ class PostgresWriter(Writer):
                         cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                         locked_at = time.perf_counter()
                         self.lock_wait_s = locked_at - asked
-                        return self._write_locked(cur, batches)
+                        return self._write_locked(cur, batches + more())
                 finally:
                     # The lock is the transaction's: held until it commits or rolls back.
                     if locked_at is not None:

@@ -11,7 +11,18 @@ import time
 from contextlib import contextmanager
 from importlib import resources
 
-from .base import Batch, Counters, EventQuery, Store, StoredEvent, StoreError, StoreFull, Writer
+from .base import (
+    Batch,
+    Counters,
+    EventQuery,
+    More,
+    Store,
+    StoredEvent,
+    StoreError,
+    StoreFull,
+    Writer,
+    nothing_more,
+)
 from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
@@ -91,12 +102,13 @@ class SQLiteWriter(Writer):
             os.close(self._lock_fd)
             raise
 
-    def write(self, batches: list[Batch]) -> list[int]:
-        """Commit every batch in one transaction; return each batch's newly stored count."""
+    def write(self, batches: list[Batch], more: More = nothing_more) -> list[int]:
+        """Commit every batch, then more()'s, in one transaction (see Writer.write)."""
         asked = time.perf_counter()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         got = time.perf_counter()
         try:
+            batches = batches + more()
             with translated_errors():
                 return self._write_locked(batches)
         finally:
