@@ -134,7 +134,11 @@ class GunicornServer:
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DATABASE_URL": database_url(db),
+        # The server's own temporary files (its metrics directory) go in the test's
+        # directory: one killed with SIGKILL cannot remove them, and /tmp would keep them.
+        self.tmpdir = log_path.with_suffix(".tmp")
+        self.tmpdir.mkdir(exist_ok=True)
+        self.env = {**os.environ, "DATABASE_URL": database_url(db), "TMPDIR": str(self.tmpdir),
                     "WEB_CONCURRENCY": str(workers), "AGGREGATOR_WRITERS": str(writers),
                     "AGGREGATOR_THREADS": str(threads), **(env or {})}
         self.proc: subprocess.Popen | None = None

@@ -57,7 +57,10 @@ def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db):
     batch = [event(str(i), topic=f"t{i % 3}") for i in range(300)]
     assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
     before = stats(server.url)
+    assert any(server.tmpdir.iterdir()), "the server made its metrics directory elsewhere"
     assert server.terminate() == 0
+    # A server that made its own metrics directory removes it when it stops.
+    assert list(server.tmpdir.iterdir()) == []
     restarted = gunicorn()
     after = stats(restarted.url)
     for key in ("received", "unique_processed", "duplicate_dropped", "rejected", "topics"):
