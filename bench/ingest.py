@@ -31,8 +31,9 @@ from bench.common import (
 )
 
 
-def ceiling(bodies: list[bytes], db_path: Path) -> float:
-    """Return events/s for parse + validate + insert on one core, one commit per body."""
+def ceiling(bodies: list[bytes], db_path: Path, per_commit: int = 1) -> float:
+    """Return events/s for parse + validate + insert on one core, one commit per
+    per_commit bodies."""
     from app.config import Config
     from app.schemas import build_batch, make_event_schema
     from app.store import SQLiteStore
@@ -42,10 +43,11 @@ def ceiling(bodies: list[bytes], db_path: Path) -> float:
     schema = make_event_schema(Config().max_payload)
     events = 0
     start = time.perf_counter()
-    for body in bodies:
-        batch, _ = build_batch(json.loads(body), schema)
-        writer.write([batch])
-        events += len(batch.rows)
+    for first in range(0, len(bodies), per_commit):
+        batches = [build_batch(json.loads(body), schema)[0]
+                   for body in bodies[first:first + per_commit]]
+        writer.write(batches)
+        events += sum(len(batch.rows) for batch in batches)
     elapsed = time.perf_counter() - start
     writer.close()
     store.close()
@@ -140,6 +142,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="server environment override (repeatable)")
+    parser.add_argument("--ceiling-per-commit", type=int, default=1, metavar="N",
+                        help="bodies the ceiling commits at once (1: each on its own)")
     parser.add_argument("--skip-ceiling", action="store_true",
                         help="end-to-end only (for exploring settings; no ratio)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/ingest.json")
@@ -153,7 +157,8 @@ def main() -> None:
     runs = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            base = float("nan") if args.skip_ceiling else ceiling(bodies, Path(tmp) / "c.db")
+            base = float("nan") if args.skip_ceiling else ceiling(
+                bodies, Path(tmp) / "c.db", args.ceiling_per_commit)
             e2e = end_to_end(bodies, len(events), Path(tmp) / "e2e.db", args.clients, env)
         assert e2e["stored"] == unique and e2e["duplicates"] == len(events) - unique, e2e
         e2e["ceiling_events_per_s"] = base
