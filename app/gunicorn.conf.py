@@ -25,6 +25,8 @@ _gunicorn_util.write_error = write_server_error
 try:
     _config = from_env()
 except ConfigError as exc:
+    if _own_metrics_dir:
+        os.rmdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     # One clear line, no traceback, non-zero exit.
     sys.exit(f"aggregator: bad configuration: {exc}")
 

@@ -121,7 +121,10 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("DATABASE_URL", "mysql://x"), ("AGGREGATOR_COMMIT_TIMEOUT", "-1"),
 ])
 def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value):
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/d.db", variable: value}
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/d.db", variable: value,
+           "TMPDIR": str(own_tmp)}
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
          "--bind", "127.0.0.1:1", "app:create_app()"],
@@ -129,6 +132,7 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
+    assert list(own_tmp.iterdir()) == [], "the metrics directory it made is left behind"
 
 
 def hold_write_lock(db_path):
