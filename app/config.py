@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -138,8 +139,20 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[attr] = parse(raw if is_token else raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} {exc}") from None
+            raise ConfigError(f"{name}={_shown(raw, parse)} {exc}") from None
     return Config(**values)
+
+
+def _shown(raw: str, parse) -> str:
+    """The bad value as an error may repeat it: never a token, never a URL's credentials."""
+    if parse is _token:
+        return "(not shown)"
+    if parse is _database_url:
+        if "@" in raw:
+            scheme, _, rest = raw.partition("://")
+            raw = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        raw = re.sub(r"(password=)[^&\s]*", r"\1***", raw)
+    return repr(raw)
 
 
 def with_overrides(config: Config, overrides: Mapping[str, object]) -> Config:

@@ -20,6 +20,8 @@ from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
 from tests.helpers import ROOT, free_port
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
+# Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
+CLUSTER_PASSWORD = "p@ss:w/rd#1?%20 'x\"$y"
 
 
 def dockerfile_healthcheck() -> list[str]:
@@ -45,7 +47,9 @@ def compose_file() -> dict:
 
 def test_compose_environment_names_are_honoured_by_the_code():
     services = compose_file()["services"]
-    known = set(AGGREGATOR_VARIABLES) | {v[0] for v in PUBLISHER_OPTIONS.values()}
+    # PGPASSWORD is libpq's own: the cluster test below proves the replicas log in with it.
+    known = (set(AGGREGATOR_VARIABLES) | {v[0] for v in PUBLISHER_OPTIONS.values()}
+             | {"PGPASSWORD"})
     entrypoint = (ROOT / "deploy/postgres/entrypoint.sh").read_text()
     for name, service in services.items():
         names = set(service.get("environment", {}))
@@ -91,15 +95,17 @@ def docker_available() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
 
 
-def compose_project(*profile: str):
-    """`docker compose` for a throw-away project on a free loopback port; `down` on exit."""
+def compose_project(*profile: str, **variables: str):
+    """`docker compose` for a throw-away project on a free loopback port, with extra
+    environment variables for compose.yaml; `down` on exit."""
     if not docker_available():
         if os.environ.get("CI"):
             pytest.fail("CI needs a Docker engine: .ci/run starts one")
         pytest.skip("no Docker engine (../shared/docker-standin.sh starts one)")
     project = f"aggtest{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {**os.environ, "AGGREGATOR_PORT": str(port), "AGGREGATOR_HOST_IP": "127.0.0.1"}
+    env = {**os.environ, "AGGREGATOR_PORT": str(port), "AGGREGATOR_HOST_IP": "127.0.0.1",
+           **variables}
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "compose", "-p", project, *profile, *args], cwd=ROOT,
@@ -120,8 +126,9 @@ def compose():
 
 @pytest.fixture
 def cluster():
-    """The cluster profile: PostgreSQL, three replicas, nginx, and the cluster's publisher."""
-    yield from compose_project("--profile", "cluster")
+    """The cluster profile: PostgreSQL, three replicas, nginx, and the cluster's publisher,
+    with a database password that a URL could not hold unencoded."""
+    yield from compose_project("--profile", "cluster", POSTGRES_PASSWORD=CLUSTER_PASSWORD)
 
 
 def container_state(compose, service: str) -> dict:

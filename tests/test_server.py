@@ -119,6 +119,10 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
 @pytest.mark.parametrize("variable,value", [
     ("AGGREGATOR_MAX_BATCH", "many"), ("AGGREGATOR_WRITERS", "0"),
     ("DATABASE_URL", "mysql://x"), ("AGGREGATOR_COMMIT_TIMEOUT", "-1"),
+    # Secrets: the line names the variable but does not repeat them.
+    ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
+    ("DATABASE_URL", "mysql://host/db?password=s3cret"),
+    ("AGGREGATOR_API_TOKEN", "s3cret with spaces"),
 ])
 def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value):
     own_tmp = tmp_path / "tmp"
@@ -132,6 +136,7 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr
     assert list(own_tmp.iterdir()) == [], "the metrics directory it made is left behind"
 
 
