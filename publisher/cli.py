@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from .client import BatchResult, Publisher, PublishError
-from .events import Batch, EventFactory, FileReport, file_batches, generated_batches, send_order
+from .events import Batch, EventFactory, file_batches, generated_batches, send_order
 
 FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
                   404: "no /publish here: check --url"}
@@ -187,13 +187,25 @@ class Sender:
         self.progress(batch.size)
 
     def _reject(self, batch: Batch, index: int, reason: object) -> None:
-        where = f"line {batch.lines[index]}" if batch.lines else f"event {index} of a batch"
+        if batch.lines:
+            self._record(f"rejected line {batch.lines[index]}: {json.dumps(reason)}", reason,
+                         batch.lines[index], batch.raw[index])
+        else:
+            self._record(f"rejected event {index} of a batch: {json.dumps(reason)}", reason)
+
+    def reject_line(self, number: int, line: bytes, reason: str) -> None:
+        """Count a line of the file that is not sent (not a JSON object), as it is read."""
+        self.summary.rejected += 1
+        self._record(f"rejected line {number}: {reason}", reason, number, line)
+
+    def _record(self, problem: str, reason: object, number: int | None = None,
+                line: bytes | None = None) -> None:
+        """Show the first few problems; write every rejected line to the rejects file."""
         if len(self.summary.problems) < SHOWN_REJECTS:
-            self.summary.problems.append(f"rejected {where}: {json.dumps(reason)}")
-        if self.rejects is not None and batch.raw:
-            self.rejects.write(json.dumps({"line": batch.lines[index], "errors": reason,
-                                           "event": batch.raw[index].decode("utf-8", "replace")})
-                               + "\n")
+            self.summary.problems.append(problem)
+        if self.rejects is not None and line is not None:
+            self.rejects.write(json.dumps({"line": number, "errors": reason,
+                                           "event": line.decode("utf-8", "replace")}) + "\n")
 
 
 def _progress(total: int | None, stack: ExitStack):
@@ -224,28 +236,21 @@ def publish(args: argparse.Namespace) -> Summary:
     with ExitStack() as stack:
         stack.callback(publisher.close)
         publisher.wait_ready(args.wait)
-        report = FileReport()
+        order = None if args.file else send_order(args.events, args.duplicate_rate, args.seed)
+        rejects = (stack.enter_context(open(args.rejects, "w", encoding="utf-8"))
+                   if args.rejects else None)
+        sender = Sender(publisher, summary,
+                        _progress(None if order is None else len(order), stack), rejects)
         if args.file:
             stream = (sys.stdin.buffer if args.file == "-"
                       else stack.enter_context(open(args.file, "rb")))
-            batches, total = file_batches(stream, args.batch_size, report), None
+            batches = file_batches(stream, args.batch_size, sender.reject_line)
         else:
-            order = send_order(args.events, args.duplicate_rate, args.seed)
-            factory = EventFactory(args.seed, args.topics)
-            batches, total = generated_batches(factory, order, args.batch_size), len(order)
-        rejects = (stack.enter_context(open(args.rejects, "w", encoding="utf-8"))
-                   if args.rejects else None)
-        sender = Sender(publisher, summary, _progress(total, stack), rejects)
+            batches = generated_batches(EventFactory(args.seed, args.topics), order,
+                                        args.batch_size)
         start = time.monotonic()
         sender.run(batches, args.concurrency)
         summary.elapsed_s = round(time.monotonic() - start, 3)
-        summary.rejected += report.count
-        for number, line, reason in report.bad_lines:
-            if len(summary.problems) < SHOWN_REJECTS:
-                summary.problems.append(f"rejected line {number}: {reason}")
-            if rejects is not None:
-                rejects.write(json.dumps({"line": number, "errors": reason,
-                                          "event": line.decode("utf-8", "replace")}) + "\n")
     summary.events_per_s = round(summary.sent / summary.elapsed_s, 1) if summary.elapsed_s else 0
     if sender.fatal:
         raise PublishError(f"{sender.fatal} (acknowledged {summary.acknowledged} events first)")

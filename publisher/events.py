@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import IO
@@ -81,16 +81,10 @@ def generated_batches(factory: EventFactory, order: array, batch_size: int) -> I
         yield Batch(json.dumps(events).encode(), "application/json", len(events))
 
 
-@dataclass
-class FileReport:
-    """Lines of the file that were never sent because they are not JSON objects."""
-
-    bad_lines: list[tuple[int, bytes, str]] = field(default_factory=list)
-    count: int = 0
-
-
-def file_batches(stream: IO[bytes], batch_size: int, report: FileReport) -> Iterator[Batch]:
-    """Yield NDJSON bodies of batch_size lines of the file, reading it as it goes."""
+def file_batches(stream: IO[bytes], batch_size: int,
+                 bad_line: Callable[[int, bytes, str], None]) -> Iterator[Batch]:
+    """Yield NDJSON bodies of batch_size lines of the file, reading it as it goes; a line
+    that is not a JSON object is not sent but handed to bad_line(number, line, reason)."""
     lines, raw = [], []
     for number, line in enumerate(stream, 1):
         line = line.strip()
@@ -100,8 +94,7 @@ def file_batches(stream: IO[bytes], batch_size: int, report: FileReport) -> Iter
             if not isinstance(json.loads(line), dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
-            report.bad_lines.append((number, line, f"not a JSON event object ({exc})"))
-            report.count += 1
+            bad_line(number, line, f"not a JSON event object ({exc})")
             continue
         lines.append(number)
         raw.append(line)

@@ -118,18 +118,41 @@ def test_file_replay_of_50000_lines_stays_under_100_mb(gunicorn, tmp_path):
     with source.open("w") as out:
         for i in range(50_000):
             out.write(json.dumps(event(f"big-{i}", payload={"i": i, "text": "x" * 200})) + "\n")
+    result, peak_kib = run_publisher_peak("--url", server.url, "--file", str(source), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unique"] == 50_000
+    assert peak_kib < 100 * 1024, f"publisher peak RSS {peak_kib} KiB"
+
+
+def test_file_of_200000_bad_lines_is_reported_line_by_line_under_100_mb(gunicorn, tmp_path):
+    server = gunicorn()
+    source = tmp_path / "garbage.ndjson"
+    with source.open("w") as out:
+        out.write(json.dumps(event("good-0")) + "\n")
+        for i in range(200_000):
+            out.write(f"[{i}, " + "0, " * 200 + "0]\n")  # 611 bytes of JSON, not an object
+    rejects = tmp_path / "rejects.ndjson"
+    result, peak_kib = run_publisher_peak("--url", server.url, "--file", str(source),
+                                          "--rejects", str(rejects), "--json")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["rejected"]) == (1, 200_000)
+    assert len(summary["problems"]) == 5
+    with rejects.open() as written:
+        assert sum(1 for _ in written) == 200_000
+    assert peak_kib < 100 * 1024, f"publisher peak RSS {peak_kib} KiB"
+
+
+def run_publisher_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the publisher; return its result and its peak RSS in KiB."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking (pytest) process.
     script = ("import runpy, sys; sys.argv = ['publisher'] + sys.argv[1:];\n"
               "try:\n    runpy.run_module('publisher', run_name='__main__')\n"
               "finally:\n    print([l for l in open('/proc/self/status')"
               " if l.startswith('VmHWM')][0], file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", script, "--url", server.url, "--file",
-                             str(source), "--json"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["unique"] == 50_000
-    peak_kib = int(result.stderr.split("VmHWM:")[1].split()[0])
-    assert peak_kib < 100 * 1024, f"publisher peak RSS {peak_kib} KiB"
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    return result, int(result.stderr.split("VmHWM:")[1].split()[0])
 
 
 class FlakyProxy(BaseHTTPRequestHandler):
