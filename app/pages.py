@@ -11,6 +11,9 @@ from .store import Counters, StoredEvent
 
 REFRESH_SECONDS = 5
 PAGE_PARAMS = ("topic", "source", "since", "until", "limit", "after", "live")
+# The page names at most this many topics (the largest); past it, the topic filter is a
+# text field suggesting them, so a store of many thousand topics keeps a small page.
+TOPICS_SHOWN = 50
 _LONG_PAYLOAD_CHARS = 300
 _LONG_PAYLOAD_LINES = 12
 CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
@@ -49,8 +52,10 @@ def render_events_page(counters: Counters, params: dict[str, str], *,
         return url_for("api.events", **{k: v for k, v in merged.items() if v is not None})
 
     filters = {**params, "limit": limit}
+    largest = sorted(counters.topics.items(), key=lambda item: (-item[1], item[0]))
     html = render_template(
         "events.html", stats=counters, events=[_row(e) for e in events],
+        topics=sorted(largest[:TOPICS_SHOWN]), topics_not_shown=len(largest) - TOPICS_SHOWN,
         next_cursor=next_cursor, filters=filters, live=live, refresh_seconds=REFRESH_SECONDS,
         page_url=page_url,
         error=("Some filter values are not valid." if errors else None),

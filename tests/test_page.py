@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def test_page_filters_by_the_form_parameters(client):
                       headers=HTML).get_data(as_text=True)
     assert ">a1<" in html and ">a2<" not in html and ">b1<" not in html
     assert '<option value="a" selected>' in html
+
+
+def publish_60_topics(post) -> None:
+    """Topic t-NN gets NN + 1 events: the 50 largest are t-10 .. t-59."""
+    assert post("/publish", json=[event(f"e{n}-{i}", topic=f"t-{n:02d}")
+                                  for n in range(60) for i in range(n + 1)]).status_code == 200
+
+
+def test_page_names_the_50_largest_topics_and_any_topic_can_be_typed(client):
+    publish_60_topics(client.post)
+    html = client.get("/events", headers=HTML).get_data(as_text=True)
+    linked = {n for n in range(60) if f'href="/events?topic=t-{n:02d}"' in html}
+    assert linked == set(range(10, 60))
+    assert "and 10 smaller topics" in html
+    assert '<select name="topic">' not in html
+    assert '<input name="topic" list="topic-names" value=""' in html
+    assert html.count("<option value=\"t-") == 50
+    # A topic not named on the page is filtered by typing it.
+    html = client.get("/events?topic=t-03", headers=HTML).get_data(as_text=True)
+    assert '<input name="topic" list="topic-names" value="t-03"' in html
+    assert sorted(re.findall(r">(e3-\d)<", html)) == ["e3-0", "e3-1", "e3-2", "e3-3"]
+
+
+def test_topic_filter_with_no_events_stays_selected(client):
+    client.post("/publish", json=[event("a", topic="x")])
+    html = client.get("/events?topic=nothing-here", headers=HTML).get_data(as_text=True)
+    assert '<option value="nothing-here" selected>' in html
 
 
 def test_bad_filter_is_an_html_400_for_a_browser_and_json_for_an_api(client):
@@ -152,6 +180,22 @@ def test_browser_sees_rows_filters_pages_and_never_runs_event_script(browser, gu
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, f"page is {width}px wide at a 375px viewport"
     screenshot(page, "events-page-375px")
+    page.close()
+
+
+def test_browser_types_a_topic_the_page_does_not_name(browser, gunicorn):
+    server = gunicorn()
+    publish_60_topics(lambda path, json: requests.post(server.url + path, json=json,
+                                                       timeout=10))
+    page = browser.new_page()
+    page.goto(server.url + "/events")
+    assert page.locator("nav[aria-label=Topics] a").count() == 50
+    screenshot(page, "events-page-many-topics")
+    page.fill("input[name=topic]", "t-02")
+    page.click("button[type=submit]")
+    page.wait_for_url("**topic=t-02**")
+    assert sorted(page.locator("tbody tr td:nth-child(3)").all_inner_texts()) == [
+        "e2-0", "e2-1", "e2-2"]
     page.close()
 
 
