@@ -30,6 +30,7 @@ class Config:
     queue_size: int = 64
     writers: int = 1
     commit_timeout: float = 30.0
+    start_timeout: float = 30.0
     web_concurrency: int = 2
     threads: int = 16
     bind: str = "0.0.0.0:8080"
@@ -107,6 +108,7 @@ _VARIABLES = {
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),
     "AGGREGATOR_WRITERS": ("writers", _positive_int),
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
+    "AGGREGATOR_START_TIMEOUT": ("start_timeout", _positive_float),
     "WEB_CONCURRENCY": ("web_concurrency", _positive_int),
     "AGGREGATOR_THREADS": ("threads", _positive_int),
     "AGGREGATOR_BIND": ("bind", _bind),

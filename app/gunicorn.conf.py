@@ -1,6 +1,7 @@
 """gunicorn settings for the aggregator; every value can be overridden by flags or
 GUNICORN_CMD_ARGS, and the app's own settings come from the environment (app/config.py)."""
 
+import atexit
 import os
 import shutil
 import sys
@@ -11,6 +12,15 @@ import tempfile
 _own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aggregator-metrics-")
+    _master_pid = os.getpid()
+
+    # At the master's exit, however it exits (SIGTERM, a bad setting, a port in use, a
+    # worker that failed to boot: gunicorn skips on_exit for the last two). Workers are
+    # forked with this handler too; only the master removes the directory.
+    @atexit.register
+    def _remove_metrics_dir():
+        if os.getpid() == _master_pid:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 from gunicorn import util as _gunicorn_util  # noqa: E402
 
@@ -25,8 +35,6 @@ _gunicorn_util.write_error = write_server_error
 try:
     _config = from_env()
 except ConfigError as exc:
-    if _own_metrics_dir:
-        os.rmdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     # One clear line, no traceback, non-zero exit.
     sys.exit(f"aggregator: bad configuration: {exc}")
 
@@ -87,10 +95,19 @@ logconfig_dict = {
 
 # --- Hooks ---
 def on_starting(server):
-    """Start with no metric samples left by an earlier run in the same directory."""
+    """Start with no metric samples left by an earlier run in the same directory, and
+    with a database that answers (waiting up to AGGREGATOR_START_TIMEOUT for PostgreSQL),
+    before any worker is forked: a database that is not there is one clear line."""
     from app.metrics import prepare_multiprocess_dir
+    from app.store import StoreError, wait_for_database
 
     prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    try:
+        wait_for_database(_config, lambda reason: server.log.warning(
+            "waiting for the database (up to AGGREGATOR_START_TIMEOUT=%gs): %s",
+            _config.start_timeout, reason))
+    except (StoreError, OSError) as exc:
+        sys.exit("aggregator: database unavailable: " + " ".join(str(exc).split()))
 
 
 def pre_request(worker, req):
@@ -113,9 +130,3 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server):
-    """Remove the metrics directory if this server made it."""
-    if _own_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

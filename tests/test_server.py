@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,12 +17,15 @@ import requests
 
 from tests.helpers import (
     ROOT,
+    GunicornServer,
     assert_each_key_once_with_exact_counts,
     db_counters,
     event,
+    free_port,
     publish_overlapping,
     table_keys,
 )
+from tests.postgres import PostgresServer, pg_bin
 
 
 def stats(url: str) -> dict:
@@ -125,19 +129,66 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("AGGREGATOR_API_TOKEN", "s3cret with spaces"),
 ])
 def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value):
-    own_tmp = tmp_path / "tmp"
-    own_tmp.mkdir()
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/d.db", variable: value,
-           "TMPDIR": str(own_tmp)}
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
-         "--bind", "127.0.0.1:1", "app:create_app()"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
-    assert result.returncode != 0
+    result = gunicorn_that_exits(tmp_path, "127.0.0.1:1", **{variable: value})
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_start_waits_for_a_postgresql_that_comes_up_later(tmp_path):
+    if pg_bin() is None:
+        pytest.skip("no PostgreSQL server binaries")
+    later = PostgresServer(free_port())
+    starting = threading.Timer(1.0, later.start)
+    server = GunicornServer(later.url(), tmp_path / "gunicorn.log")
+    try:
+        starting.start()
+        server.start(wait=90)
+        assert requests.post(server.url + "/publish", json=[event("a")], timeout=10).ok
+        waits = [r for r in server.log_records() if r["level"] == "warning"
+                 and r["message"].startswith("waiting for the database")]
+        assert waits, "the server did not wait: PostgreSQL was already up"
+    finally:
+        server.kill()
+        starting.join()
+        later.stop()
+
+
+def test_start_gives_up_on_a_database_that_never_answers_with_one_line(tmp_path):
+    started = time.monotonic()
+    result = gunicorn_that_exits(tmp_path, f"127.0.0.1:{free_port()}",
+                                 DATABASE_URL=f"postgresql://u@127.0.0.1:{free_port()}/db",
+                                 AGGREGATOR_START_TIMEOUT="2")
+    assert time.monotonic() - started < 20
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aggregator: database unavailable: ")
+    assert "Connection refused" in lines[0]
+    assert "waiting for the database" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_port_in_use_stops_startup_and_leaves_no_temporary_files(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        result = gunicorn_that_exits(tmp_path, f"{host}:{port}")
+    assert "Address already in use" in result.stdout
+
+
+def gunicorn_that_exits(tmp_path, bind: str, **env: str) -> subprocess.CompletedProcess:
+    """Run gunicorn, expecting it to stop start-up; check it removed its metrics directory."""
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/d.db", "TMPDIR": str(own_tmp),
+           **env}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--config", "app/gunicorn.conf.py",
+         "--bind", bind, "app:create_app()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
     assert list(own_tmp.iterdir()) == [], "the metrics directory it made is left behind"
+    return result
 
 
 def hold_write_lock(db_path):
