@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import errors, logs, pages, views
 from .config import Config, from_env, with_overrides
@@ -27,6 +28,11 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
     app = Flask(__name__)
     app.config["AGGREGATOR"] = config
     app.json.sort_keys = False
+    if config.trusted_proxies:
+        # Behind that many proxies (nginx, a load balancer), the client is the address
+        # they add to X-Forwarded-For; the rest of the header could be anyone's claim.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies,
+                                x_proto=config.trusted_proxies)
     store = open_store(config)
     metrics = Metrics(store, __version__, config.metrics_dir)
     app.extensions["store"] = store

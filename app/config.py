@@ -36,6 +36,7 @@ class Config:
     bind: str = "0.0.0.0:8080"
     graceful_timeout: int = 30
     metrics_dir: str | None = None
+    trusted_proxies: int = 0
 
     def __post_init__(self):
         if self.max_db_mb is not None and self.backend != "sqlite":
@@ -60,6 +61,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("must be a whole number, 0 or more")
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -113,6 +120,7 @@ _VARIABLES = {
     "AGGREGATOR_THREADS": ("threads", _positive_int),
     "AGGREGATOR_BIND": ("bind", _bind),
     "AGGREGATOR_GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_int),
+    "AGGREGATOR_TRUSTED_PROXIES": ("trusted_proxies", _count),
     # prometheus-client's own variable: where workers share their samples.
     "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", str),
 }

@@ -131,13 +131,17 @@ def cluster():
     yield from compose_project("--profile", "cluster", POSTGRES_PASSWORD=CLUSTER_PASSWORD)
 
 
-def container_state(compose, service: str) -> dict:
+def inspect_container(compose, service: str) -> dict:
     ids = compose("ps", "-a", "-q", service).stdout.split()
     if not ids:
         return {}
     inspect = subprocess.run(["docker", "inspect", ids[0]], capture_output=True, text=True,
                              timeout=30)
-    return json.loads(inspect.stdout)[0]["State"]
+    return json.loads(inspect.stdout)[0]
+
+
+def container_state(compose, service: str) -> dict:
+    return inspect_container(compose, service).get("State", {})
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -226,6 +230,14 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     assert all(count == counts[0] for count in counts)
     # A cursor read on one replica is continued on the next.
     assert count_events(cluster.url) == 5000
+    # The replicas believe nginx's X-Forwarded-For: their access lines name the publisher.
+    networks = inspect_container(cluster, "nginx")["NetworkSettings"]["Networks"]
+    nginx_ips = {network["IPAddress"] for network in networks.values()}
+    logs = cluster("logs", "--no-log-prefix", "aggregator-1", "aggregator-2",
+                   "aggregator-3").stdout
+    clients = {json.loads(line)["remote_addr"] for line in logs.splitlines()
+               if line.startswith("{") and '"path": "/publish"' in line}
+    assert clients and not clients & nginx_ips, (clients, nginx_ips)
 
     # One replica SIGKILLed: publishing through nginx still succeeds, every event stored once.
     assert cluster("kill", "-s", "SIGKILL", "aggregator-2").returncode == 0

@@ -175,6 +175,21 @@ def test_docs_page_describes_every_path(client):
     assert "cdn" not in html.lower() and "<script" not in html
 
 
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("proxies,client", [("0", "127.0.0.1"), ("1", "203.0.113.7"),
+                                            ("2", "198.51.100.9")])
+def test_access_log_names_the_client_behind_trusted_proxies(gunicorn, proxies, client):
+    server = gunicorn(workers=1, env={"AGGREGATOR_TRUSTED_PROXIES": proxies})
+    # What a client claimed, then what each proxy appended (the last: the nearest proxy).
+    forwarded = "192.0.2.66, 198.51.100.9, 203.0.113.7"
+    response = requests.get(server.url + "/stats", headers={
+        "X-Forwarded-For": forwarded, "X-Request-ID": "proxied-1"}, timeout=10)
+    assert response.status_code == 200
+    server.terminate()
+    (line,) = [r for r in server.log_records() if r.get("request_id") == "proxied-1"]
+    assert line["remote_addr"] == client
+
+
 def test_one_json_log_line_per_request_with_the_given_request_id(gunicorn, tmp_path):
     server = gunicorn(workers=1, env={"AGGREGATOR_API_TOKEN": "tok-secret-123"})
     secret_payload = {"card": "4111-SECRET-PAYLOAD"}
