@@ -159,8 +159,9 @@ def _shown(raw: str, parse) -> str:
         return "(not shown)"
     if parse is _database_url:
         if "@" in raw:
-            scheme, _, rest = raw.partition("://")
-            raw = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+            head, _, host = raw.rpartition("@")
+            scheme = head.partition("://")[0] + "://" if "://" in head else ""
+            raw = f"{scheme}***@{host}"
         raw = re.sub(r"(password=)[^&\s]*", r"\1***", raw)
     return repr(raw)
 

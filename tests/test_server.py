@@ -127,6 +127,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     # Secrets: the line names the variable but does not repeat them.
     ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
     ("DATABASE_URL", "mysql://host/db?password=s3cret"),
+    ("DATABASE_URL", "user:s3cret@host/db"),
     ("AGGREGATOR_API_TOKEN", "s3cret with spaces"),
 ])
 def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value):
