@@ -74,7 +74,6 @@ class Server:
 
     def _wait_healthy(self, timeout: float = 30) -> None:
         """Wait for /health and for every worker process to have booted."""
-        import http.client
         workers = int(self.env.get("WEB_CONCURRENCY", "2"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
