@@ -32,12 +32,14 @@ BUSY_TIMEOUT_MS = 10_000
 # rewrite each hot index page less often (+7% end-to-end ingest in bench/ingest.py).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 # A write connection's page cache, against SQLite's default of 2 MiB. A group commit of a
-# few thousand events touches as many pages of the (topic, event_id) index, at random;
-# with 2 MiB most of them had been evicted since the last commit and were read again
-# (spilling dirty pages was not the cost: cache_spill=OFF did not help). With 16 MiB a
-# writer spent 19% less CPU inserting, and end-to-end ingest rose 6% against the
-# in-process ceiling (bench/ingest.py, 4 alternating pairs of 3 runs: ratio 1.37-1.42
-# against 1.28-1.34). It costs up to 16 MiB of RSS per writer (server peak 136 MiB, was 128).
+# few thousand events inserts into as many pages of the (topic, event_id) index, at
+# random, and 2 MiB did not hold the pages it came back to. Measured with two writers
+# alternating commits, as the two workers do: 7 batches of 500 a commit cost 5.4 instead
+# of 6.0 us per event; 1 batch a commit gained nothing (8.4 against 8.1). Spilling dirty
+# pages was not the cost: cache_spill=OFF alone did not help. End to end, ingest rose 6%
+# against the in-process ceiling (bench/ingest.py, 4 alternating pairs of 3 runs: ratio
+# 1.37-1.42 against 1.28-1.34). It costs up to 16 MiB of RSS per writer (server peak
+# 137 MiB, was 128).
 WRITER_CACHE_KIB = 16 * 1024
 _INSERT = (
     "INSERT OR IGNORE INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
