@@ -122,6 +122,22 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def threads_waited(pid: int, name: str) -> float:
+    """Return the seconds a process's threads called name (writer-0 is "writer") have
+    spent runnable but not running, from the kernel's schedstat (0 if it is gone)."""
+    waited = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                if not comm.read().startswith(name):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as schedstat:
+                waited += int(schedstat.read().split()[1])
+    except OSError:
+        pass
+    return waited / 1e9
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """Return a process's user + system CPU seconds so far (0 if it is gone); with children,
     plus those of its children that have exited."""

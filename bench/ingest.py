@@ -28,6 +28,7 @@ from bench.common import (
     make_events,
     median,
     percentile,
+    threads_waited,
 )
 
 
@@ -83,6 +84,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_before = before.ru_utime + before.ru_stime
         cpu_before = {pid: cpu_seconds(pid) for pid in workers}
+        waited_before = sum(threads_waited(pid, "writer") for pid in workers)
         rss = PeakRss(server)
         time.sleep(0.5)
         start = time.perf_counter()
@@ -94,6 +96,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             proc.join()
         client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in workers]
+        writers_waited = sum(threads_waited(pid, "writer") for pid in workers) - waited_before
         latencies = [lat for result in results for lat in result[0]]
         statuses: dict[int, int] = {}
         for result in results:
@@ -111,6 +114,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             "client_cpu_s": round(client_cpu.ru_utime + client_cpu.ru_stime - client_before, 2),
             "retries": sum(r[1] for r in results), "statuses": statuses,
             "write_lock_held_share": lock_held / elapsed,
+            "writers_waited_for_a_core_s": writers_waited,
             "stored": stats["unique_processed"], "duplicates": stats["duplicate_dropped"]}
 
 
@@ -179,11 +183,14 @@ def main() -> None:
               f"ceiling {e2e['ceiling_us_per_event']:.1f} us | cores busy "
               f"{e2e['cores_busy']:.2f} of {os.cpu_count()} | ratio if every core were busy "
               f"{e2e['ratio_if_both_cores_busy']:.2f} | write lock held "
-              f"{e2e['write_lock_held_share']:.0%} of the run")
+              f"{e2e['write_lock_held_share']:.0%} of the run; writers runnable but waiting "
+              f"for a core {e2e['writers_waited_for_a_core_s']:.2f} s "
+              f"({e2e['writers_waited_for_a_core_s'] / len(events) * 1e6:.1f} us per event)")
     summary = {key: median([r[key] for r in runs]) for key in
                ("events_per_s", "ceiling_events_per_s", "ratio", "p50_ms", "p99_ms",
                 "peak_rss_mib", "cpu_us_per_event", "ceiling_us_per_event", "cores_busy",
-                "ratio_if_both_cores_busy", "write_lock_held_share")}
+                "ratio_if_both_cores_busy", "write_lock_held_share",
+                "writers_waited_for_a_core_s")}
     print(f"median of {len(runs)}: end-to-end {summary['events_per_s']:,.0f} ev/s, ceiling "
           f"{summary['ceiling_events_per_s']:,.0f} ev/s, ratio {summary['ratio']:.2f}, "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "

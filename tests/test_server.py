@@ -284,3 +284,36 @@ def test_one_keep_alive_publisher_is_served_by_every_worker(gunicorn):
     pids = Counter(entry["pid"] for entry in server.log_records()
                    if entry.get("path") == "/publish")
     assert sum(pids.values()) == 200 and len(pids) == 2, pids
+
+
+def test_writer_threads_are_named_in_the_kernel(gunicorn):
+    """ps -L, top -H and /proc/PID/task/TID show each worker's writer threads by name."""
+    server = gunicorn(workers=2, writers=2)
+    deadline = time.monotonic() + 15
+    while True:  # /health answers once one worker is up; the other may still be booting
+        workers = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+                   and _parent_pid(int(entry)) == server.proc.pid]
+        names = [Counter(_thread_names(pid)) for pid in workers]
+        if len(workers) == 2 and all(n["writer-0"] == n["writer-1"] == 1 for n in names):
+            break
+        assert time.monotonic() < deadline, (workers, names)
+        time.sleep(0.1)
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _thread_names(pid: int) -> list[str]:
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
