@@ -125,16 +125,20 @@ def rss_kib(pid: int) -> int:
 def threads_waited(pid: int, name: str) -> float:
     """Return the seconds a process's threads called name (writer-0 is "writer") have
     spent runnable but not running, from the kernel's schedstat (0 if it is gone)."""
-    waited = 0
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    waited = 0
+    for tid in tids:
+        try:  # each thread on its own: one that has ended is skipped, not the rest
             with open(f"/proc/{pid}/task/{tid}/comm") as comm:
                 if not comm.read().startswith(name):
                     continue
             with open(f"/proc/{pid}/task/{tid}/schedstat") as schedstat:
                 waited += int(schedstat.read().split()[1])
-    except OSError:
-        pass
+        except OSError:
+            pass
     return waited / 1e9
 
 
