@@ -95,13 +95,17 @@ logconfig_dict = {
 
 # --- Hooks ---
 def on_starting(server):
-    """Start with no metric samples left by an earlier run in the same directory, and
-    with a database that answers (waiting up to AGGREGATOR_START_TIMEOUT for PostgreSQL),
-    before any worker is forked: a database that is not there is one clear line."""
+    """Start with no metric samples or failed commit left by an earlier run in the same
+    directory, and with a database that answers (waiting up to AGGREGATOR_START_TIMEOUT
+    for PostgreSQL), before any worker is forked: a database that is not there is one
+    clear line."""
+    from app.ingest import CommitHealth
     from app.metrics import prepare_multiprocess_dir
     from app.store import StoreError, wait_for_database
 
+    # The workers share this directory: metric samples, and the last failed commit.
     prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    CommitHealth.reset(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
         wait_for_database(_config, lambda reason: server.log.warning(
             "waiting for the database (up to AGGREGATOR_START_TIMEOUT=%gs): %s",

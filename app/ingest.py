@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,6 +39,70 @@ def _name_os_thread(name: str) -> None:
             comm.write(name[:15])  # the kernel keeps 15 bytes
     except OSError:
         pass
+
+
+class CommitHealth:
+    """The last failed commit of any worker process of this server, until a commit succeeds
+    or FAILURE_MEMORY_SECONDS pass.
+
+    With a directory that the workers share (gunicorn's, app/gunicorn.conf.py), the failure
+    is kept in a file there, so that a readiness probe gets the same answer whichever worker
+    takes it, and any worker's successful commit clears it. Without one (a single process),
+    or when the file cannot be written (its disk full too), it is kept in memory.
+    """
+
+    FILE_NAME = "last-commit-failure.json"
+
+    def __init__(self, shared_dir: str | None = None):
+        self._path = os.path.join(shared_dir, self.FILE_NAME) if shared_dir else None
+        self._memory: tuple[float, str] | None = None
+
+    @classmethod
+    def reset(cls, shared_dir: str) -> None:
+        """Forget a failure recorded by an earlier run (call before workers start)."""
+        _remove(os.path.join(shared_dir, cls.FILE_NAME))
+
+    def failed(self, error: StoreError) -> None:
+        """Record a failed commit."""
+        # The monotonic clock is the machine's (Linux, macOS): workers read each other's.
+        failure = (time.monotonic(), str(error))
+        if self._path is not None:
+            # Written aside, then renamed: a reader sees the whole record or none.
+            partial_path = f"{self._path}.{os.getpid()}.{threading.get_native_id()}"
+            try:
+                with open(partial_path, "w") as out:
+                    json.dump(failure, out)
+                os.replace(partial_path, self._path)
+                return
+            except OSError:
+                _remove(partial_path)
+        self._memory = failure
+
+    def succeeded(self) -> None:
+        """Record a successful commit: the database takes commits again."""
+        self._memory = None
+        if self._path is not None:
+            _remove(self._path)
+
+    @property
+    def last_error(self) -> str | None:
+        """Return why the last commit failed, if it did in the last few seconds."""
+        failure = self._memory
+        if self._path is not None:
+            try:
+                with open(self._path) as record:
+                    failure = tuple(json.load(record))
+            except (OSError, ValueError):
+                pass
+        if failure is None or time.monotonic() - failure[0] > FAILURE_MEMORY_SECONDS:
+            return None
+        return failure[1]
+
+
+def _remove(path: str) -> None:
+    """Remove the file if it is there; never raise (a commit's outcome must still be told)."""
+    with suppress(OSError):
+        os.unlink(path)
 
 
 class QueueFull(Exception):
@@ -74,10 +141,10 @@ class Ingestor:
     """Hand batches to writer threads and wait for their durable commit."""
 
     def __init__(self, store: Store, *, queue_size: int, writers: int, commit_timeout: float,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, shared_dir: str | None = None):
         self._store = store
         self._metrics = metrics
-        self._failure: tuple[float, StoreError] | None = None
+        self._health = CommitHealth(shared_dir)
         self._writer_error: str | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._commit_timeout = commit_timeout
@@ -113,13 +180,10 @@ class Ingestor:
         return None
 
     @property
-    def last_error(self) -> StoreError | None:
-        """Return the error of a commit that failed in the last few seconds, if no commit
+    def last_error(self) -> str | None:
+        """Return why a commit of any worker failed in the last few seconds, if no commit
         has succeeded since."""
-        failure = self._failure
-        if failure is None or time.monotonic() - failure[0] > FAILURE_MEMORY_SECONDS:
-            return None
-        return failure[1]
+        return self._health.last_error
 
     def submit(self, batch: Batch) -> Outcome:
         """Queue the batch and block until it is committed; return its exact counts."""
@@ -240,13 +304,13 @@ class Ingestor:
             log.exception("commit of one batch failed")
             self._fail(writer, group, started, StoreError(f"commit failed: {exc}"))
         else:
-            self._failure = None
+            self._health.succeeded()
             self._observe(writer, group, started, ok=True)
             for item, new in zip(group, stored, strict=True):
                 item.future.set_result(new)
 
     def _fail(self, writer, group: list[_Item], started: float, error: StoreError) -> None:
-        self._failure = (time.monotonic(), error)
+        self._health.failed(error)
         self._observe(writer, group, started, ok=False)
         for item in group:
             item.future.set_exception(error)

@@ -160,7 +160,7 @@ def _health(*, ready: bool) -> tuple[Response, int]:
     if problem:
         checks["writers"] = problem
     if ready:
-        checks["last_commit"] = "ok" if ingestor.last_error is None else str(ingestor.last_error)
+        checks["last_commit"] = ingestor.last_error or "ok"
         checks["queue"] = "full" if ingestor.saturated else "ok"
     healthy = all(v == "ok" for v in checks.values())
     return jsonify({"status": "ok" if healthy else "unavailable", "checks": checks}), (

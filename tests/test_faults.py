@@ -9,11 +9,12 @@ import sqlite3
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from app.ingest import Ingestor
+from app.ingest import FAILURE_MEMORY_SECONDS, CommitHealth, Ingestor
 from app.store import Batch, SQLiteStore, StoreError
 from tests.helpers import assert_counters_match_the_table, db_counters, event, table_keys
 
@@ -55,8 +56,7 @@ def wait_for_status(url: str, status: int, timeout: float = 15.0) -> requests.Re
 def test_database_over_its_quota_answers_503_stays_up_and_recovers_when_lifted(
         gunicorn, db_path):
     # AGGREGATOR_MAX_DB_MB sets PRAGMA max_page_count on every write connection:
-    # past it SQLite itself refuses the commit with SQLITE_FULL. One worker: readiness
-    # reports the failed commits of the worker process that answers the probe.
+    # past it SQLite itself refuses the commit with SQLITE_FULL.
     server = gunicorn(workers=1, env={"AGGREGATOR_MAX_DB_MB": "1"})
     acknowledged, (refused_batch, refused) = fill_until_refused(server.url, "q")
     assert acknowledged
@@ -122,18 +122,77 @@ def test_full_disk_answers_503_and_recovers_live_when_space_is_freed(gunicorn, s
     assert_counters_match_the_table(db_path)
 
 
-def test_idle_server_is_ready_again_a_few_seconds_after_a_failed_commit(gunicorn, small_disk):
-    db_path = small_disk / "dedup.db"
-    server = gunicorn(workers=1, db=db_path)
+def refused_on_a_full_disk(gunicorn, small_disk, workers: int, prefix: str):
+    """Start a server on the small disk, leave it 100 KB, and publish until a batch is
+    refused; return the server, the ballast file and the refused batch and answer."""
+    server = gunicorn(workers=workers, db=small_disk / "dedup.db")
     ballast = small_disk / "ballast"
     ballast.write_bytes(b"\0" * max(0, shutil.disk_usage(small_disk).free - 100_000))
-    _, (_, refused) = fill_until_refused(server.url, "i")
+    _, refusal = fill_until_refused(server.url, prefix)
+    return server, ballast, refusal
+
+
+def test_idle_server_is_ready_again_a_few_seconds_after_a_failed_commit(gunicorn, small_disk):
+    server, ballast, (_, refused) = refused_on_a_full_disk(gunicorn, small_disk, 1, "i")
     assert refused.status_code == 503
     assert requests.get(server.url + "/health/ready", timeout=5).status_code == 503
     ballast.unlink()
     # No traffic comes to clear the error: readiness must not stay 503 for ever, or a
     # load balancer would never send the request that proves the disk has room again.
     assert wait_for_status(server.url + "/health/ready", 200).status_code == 200
+
+
+def probe_every_worker(server, workers: int = 2) -> list[requests.Response]:
+    """Probe readiness on new connections, 8 at a time, until every worker has answered;
+    return the answers (a load balancer's probe lands on whichever worker accepts it)."""
+    def probe(_):
+        return requests.get(server.url + "/health/ready", timeout=5)
+
+    answers, pids, seen = [], set(), len(server.log_records())
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):
+            answers += pool.map(probe, range(40))
+            pids = {record["pid"] for record in server.log_records()[seen:]
+                    if record.get("path") == "/health/ready"}
+            if len(pids) == workers:
+                return answers
+    raise AssertionError(f"400 probes reached only workers {pids}: the check proves nothing")
+
+
+def test_readiness_is_the_servers_whichever_worker_committed(gunicorn, small_disk):
+    # Two workers: a commit that one of them fails is reported by both, and a commit that
+    # either of them then makes clears it for both, well before the failure is forgotten.
+    server, ballast, (refused_batch, refused) = refused_on_a_full_disk(gunicorn, small_disk,
+                                                                      2, "s")
+    failed_at = time.monotonic()
+    assert refused.status_code == 503
+    answers = probe_every_worker(server)
+    assert {answer.status_code for answer in answers} == {503}
+    assert all("full" in answer.json()["checks"]["last_commit"] for answer in answers)
+
+    ballast.unlink()
+    assert publish(server.url, refused_batch).status_code == 200
+    answers = probe_every_worker(server)
+    assert {answer.status_code for answer in answers} == {200}
+    assert time.monotonic() - failed_at < FAILURE_MEMORY_SECONDS, "too slow to prove anything"
+
+
+def test_a_failed_commit_left_by_an_earlier_run_is_forgotten_at_start(gunicorn, tmp_path):
+    # A server SIGKILLed just after a failed commit, started again at once on the same
+    # shared directory: its record is fresh, but it is not this run's.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    CommitHealth(str(shared)).failed(StoreError("database is full"))
+    server = gunicorn(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    assert requests.get(server.url + "/health/ready", timeout=5).status_code == 200
+
+
+def test_a_failure_that_cannot_be_shared_is_kept_in_memory(tmp_path):
+    health = CommitHealth(str(tmp_path / "not-there"))
+    health.failed(StoreError("database is full"))
+    assert health.last_error == "database is full"
+    health.succeeded()
+    assert health.last_error is None
 
 
 def test_writers_that_cannot_start_are_reported_and_replaced(gunicorn, db_path):
