@@ -184,10 +184,10 @@ def upstreams(url: str, path: str = "/stats", requests_sent: int = 30) -> set[st
     return {answer.headers["X-Upstream"] for answer in answers}
 
 
-def replica_address(compose, service: str) -> str:
+def addresses(compose, service: str) -> set[str]:
+    """Return the container's IP addresses, one per network it is on."""
     networks = inspect_container(compose, service)["NetworkSettings"]["Networks"]
-    (address,) = {network["IPAddress"] for network in networks.values()}
-    return address
+    return {network["IPAddress"] for network in networks.values()}
 
 
 def count_events(url: str) -> int:
@@ -258,8 +258,7 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     # A cursor read on one replica is continued on the next.
     assert count_events(cluster.url) == 5000
     # The replicas believe nginx's X-Forwarded-For: their access lines name the publisher.
-    networks = inspect_container(cluster, "nginx")["NetworkSettings"]["Networks"]
-    nginx_ips = {network["IPAddress"] for network in networks.values()}
+    nginx_ips = addresses(cluster, "nginx")
     logs = cluster("logs", "--no-log-prefix", "aggregator-1", "aggregator-2",
                    "aggregator-3").stdout
     clients = {json.loads(line)["remote_addr"] for line in logs.splitlines()
@@ -269,13 +268,13 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     # A replica that comes back on another address is found with no reload of nginx: while
     # aggregator-2 is stopped, a placeholder container takes its address (Docker hands out
     # the lowest free one), so it starts again on a new one.
-    old = replica_address(cluster, "aggregator-2")
+    (old,) = addresses(cluster, "aggregator-2")
     assert cluster("stop", "aggregator-2").returncode == 0
     placeholder = cluster("run", "-d", "--no-deps", "cluster-publisher", "sleep", "600")
     assert placeholder.returncode == 0, placeholder.stderr[-3000:]
     try:
         assert cluster("start", "aggregator-2").returncode == 0
-        new = replica_address(cluster, "aggregator-2")
+        (new,) = addresses(cluster, "aggregator-2")
         assert new != old, "aggregator-2 got its old address back: the check proves nothing"
         wait_for(lambda: healthy(cluster, "aggregator-2"), 90, "aggregator-2 to be healthy")
         wait_for(lambda: f"{new}:8080" in upstreams(cluster.url, "/health/ready"), 30,
