@@ -364,20 +364,31 @@ def make_event_schema(max_payload: int) -> EventSchema:
     return schema
 
 
-def build_batch(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
+def received_now() -> str:
+    """Return the time now as received_at is stored: UTC, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
+def build_batch(raw_events: list, schema: EventSchema,
+                received_at: str | None = None) -> tuple[Batch, dict[str, dict]]:
     """Validate the raw events; return the valid ones as a Batch and the errors by index.
+
+    Every row carries received_at (by default, now). Stamped here, once a request, it costs
+    the writer nothing: SQLite computing it for each row, under the write lock, took 0.6 to
+    1.3 us of the 5 an event costs there.
 
     A batch whose every event is plainly valid is checked a column at a time (a third of
     the cost); any other batch goes through EventSchema event by event, which names
     every problem.
     """
-    rows = load_by_column(raw_events, schema)
+    received_at = received_at or received_now()
+    rows = load_by_column(raw_events, schema, received_at)
     if rows is not None:
         return Batch(rows), {}
-    return load_by_event(raw_events, schema)
+    return load_by_event(raw_events, schema, received_at)
 
 
-def load_by_column(raw_events: list, schema: EventSchema) -> list[Row] | None:
+def load_by_column(raw_events: list, schema: EventSchema, received_at: str) -> list[Row] | None:
     """Return the rows of a batch whose every event is valid, else None."""
     columns = schema.columns.columns_of(raw_events)
     if columns is None:
@@ -386,17 +397,20 @@ def load_by_column(raw_events: list, schema: EventSchema) -> list[Row] | None:
         loaded = schema.columns.load(columns)
     except ValidationError:
         return None
+    stamps = [received_at] * len(raw_events)
     return list(zip(loaded["topic"], loaded["event_id"],
                     *zip(*loaded["timestamp"], strict=True), loaded["source"], loaded["payload"],
-                    strict=True))
+                    stamps, strict=True))
 
 
-def load_by_event(raw_events: list, schema: EventSchema) -> tuple[Batch, dict[str, dict]]:
+def load_by_event(raw_events: list, schema: EventSchema,
+                  received_at: str) -> tuple[Batch, dict[str, dict]]:
     """Validate event by event: the valid events as a Batch, and each error by index."""
     try:
         loaded, errors = schema.load(raw_events, many=True), {}
     except ValidationError as exc:
         loaded, errors = exc.valid_data, exc.messages
     rows = [(event["topic"], event["event_id"], *event["timestamp"], event["source"],
-             event["payload"]) for index, event in enumerate(loaded) if index not in errors]
+             event["payload"], received_at)
+            for index, event in enumerate(loaded) if index not in errors]
     return Batch(rows, len(errors)), {str(index): error for index, error in errors.items()}

@@ -41,6 +41,7 @@ TOPICS = ["orders"] * 40 + ["payments"] * 30 + ["auth"] * 20 + ["shipping"] * 9 
 
 def fill(db_path: Path, start: int, count: int, seed: int) -> float:
     """Store events start..start+count-1 through the aggregator's writer; return events/s."""
+    from app.schemas import received_now
     from app.store import Batch, SQLiteStore
 
     rng = random.Random(seed)
@@ -48,7 +49,7 @@ def fill(db_path: Path, start: int, count: int, seed: int) -> float:
     writer = store.writer()
     began = time.perf_counter()
     for first in range(start, start + count, FILL_COMMIT):
-        rows = []
+        rows, received_at = [], received_now()
         for i in range(first, min(first + FILL_COMMIT, start + count)):
             # 10 ms apart in arrival order, 1 in 50 a replay of up to 30 days earlier.
             ts = BASE_TS + i * 10_000 - (rng.randrange(30 * 86_400 * 10**6)
@@ -58,7 +59,8 @@ def fill(db_path: Path, start: int, count: int, seed: int) -> float:
             rows.append((rng.choice(TOPICS), f"fill-{i:010d}-{rng.getrandbits(32):08x}", ts, text,
                          f"svc-{min(int(rng.expovariate(0.15)), 49)}",
                          f'{{"level":"info","msg":"request {i} handled","user":{i % 9973},'
-                         f'"latency_ms":{rng.random() * 250:.3f},"ok":{str(i % 5 != 0).lower()}}}'))
+                         f'"latency_ms":{rng.random() * 250:.3f},"ok":{str(i % 5 != 0).lower()}}}',
+                         received_at))
         writer.write([Batch(rows)])
     elapsed = time.perf_counter() - began
     writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -116,6 +117,26 @@ def assert_each_key_once_with_exact_counts(db: Path | str, urls: list[str], sent
         assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
             total, len(sent), total - len(sent))
         assert stats["topics"] == dict(Counter(topic for topic, _ in sent))
+
+
+@contextlib.contextmanager
+def write_lock_held_outside(db):
+    """Hold the writers' lock from outside the server: the flock on <db>.lock for SQLite,
+    the advisory lock on the database for PostgreSQL."""
+    if isinstance(db, str):
+        import psycopg
+
+        from app.store.postgresql import WRITE_LOCK
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
+            yield
+            conn.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK,))
+        return
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import re
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -11,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.schemas import CURSOR_PATTERN, decode_cursor, encode_cursor
-from tests.helpers import event
+from tests.helpers import event, write_lock_held_outside
 
 
 def post(url, batch):
@@ -108,6 +111,30 @@ def test_event_fields_are_returned(client, filled):
     first = client.get("/events", query_string={"limit": 1}).json["events"][0]
     assert set(first) == {"topic", "event_id", "timestamp", "source", "payload", "received_at"}
     assert first["received_at"].endswith("Z")
+
+
+def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunicorn, db):
+    server = gunicorn(workers=1)
+    sent = []
+    with write_lock_held_outside(db):
+        # The request arrives now, and waits half a second for its commit.
+        before = datetime.now(UTC)
+        sender = threading.Thread(target=lambda: sent.append(
+            post(server.url, [event(f"r{i}") for i in range(3)])))
+        sender.start()
+        time.sleep(0.5)
+        released = datetime.now(UTC)
+    sender.join(timeout=30)
+    assert sent and sent[0]["unique_processed"] == 3
+    post(server.url, [event("later")])
+    page = requests.get(server.url + "/events", timeout=10).json()["events"]
+    stamps = [e["received_at"] for e in page]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", s) for s in stamps)
+    # One request's events share its time; a later request has a later one.
+    assert stamps[0] == stamps[1] == stamps[2] < stamps[3]
+    arrived = datetime.fromisoformat(stamps[0])
+    assert before - timedelta(milliseconds=1) <= arrived < released - timedelta(milliseconds=300)
+
 
 
 @pytest.mark.parametrize("param,value", [

@@ -224,7 +224,7 @@ def test_a_batch_that_breaks_its_group_commit_fails_alone(tmp_path):
     # the writer must not fail the other batches of its group with it.
     store = SQLiteStore(str(tmp_path / "g.db"))
     ingestor = Ingestor(store, queue_size=8, writers=1, commit_timeout=30)
-    row = ("t", "{}", 0, "2025-01-01T00:00:00Z", "s", "{}")
+    row = ("t", "{}", 0, "2025-01-01T00:00:00Z", "s", "{}", "2025-01-01T00:00:01.000Z")
     good_first = Batch([("t", "a", *row[2:])])
     poison = Batch([("t", "b", *row[2:]), ("t", "\ud800", *row[2:])])
     good_after = Batch([("t", "c", *row[2:])])

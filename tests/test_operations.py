@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import requests
@@ -16,7 +15,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, event
+from tests.helpers import ROOT, event, write_lock_held_outside
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -77,26 +76,6 @@ def test_time_waiting_for_the_write_lock_is_counted(gunicorn, db_path):
     samples = scrape(server.url)
     assert 0.9 <= samples["aggregator_write_lock_wait_seconds_total{}"] < 5
     assert samples["aggregator_write_lock_held_seconds_total{}"] < 0.9
-
-
-@contextmanager
-def write_lock_held_outside(db):
-    """Hold the writers' lock from outside the server: the flock on <db>.lock for SQLite,
-    the advisory lock on the database for PostgreSQL."""
-    if isinstance(db, str):
-        import psycopg
-
-        from app.store.postgresql import WRITE_LOCK
-
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
-            yield
-            conn.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK,))
-        return
-    with open(f"{db}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def test_batches_queued_while_the_writer_waits_for_its_turn_join_its_commit(gunicorn, db):

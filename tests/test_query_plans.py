@@ -42,7 +42,7 @@ def store(request, tmp_path_factory):
         ts = i * 10**6 if i < EVENTS // 2 else rng.randrange(0, EVENTS * 10**6)
         topic = "rare" if i % 997 == 0 else f"t{i % 3}"
         source = "lonely" if i == EVENTS - 5 else f"s{i % 5}"
-        rows.append((topic, f"e{i}", ts, f"text-{ts}", source, "{}"))
+        rows.append((topic, f"e{i}", ts, f"text-{ts}", source, "{}", "r"))
     store, reopen, connect = open_store(request, tmp_path_factory, "plans")
     writer = store.writer()
     for start in range(0, EVENTS, 1000):
@@ -159,7 +159,7 @@ def stream(request, tmp_path_factory):
     """STREAM events one second apart, 1 in 20 a replay from up to STREAM seconds before the
     stream began: a time range before it holds a few replays scattered over every block."""
     rng = random.Random(9)
-    rows = [(f"t{i % 3}", f"s{i}", ts, f"text-{ts}", f"s{i % 5}", "{}")
+    rows = [(f"t{i % 3}", f"s{i}", ts, f"text-{ts}", f"s{i % 5}", "{}", "r")
             for i in range(STREAM)
             for ts in [rng.randrange(-STREAM, i) * 10**6 if i % 20 == 0 else i * 10**6]]
     store, _, _ = open_store(request, tmp_path_factory, "stream")

@@ -18,6 +18,7 @@ from app.schemas import build_batch, load_by_column, load_by_event, make_event_s
 
 MAX_PAYLOAD = 300
 SCHEMA = make_event_schema(MAX_PAYLOAD)
+RECEIVED = "2025-10-18T08:00:01.000Z"
 
 # Near the edges of every rule: lengths 0/1/255/256, controls, surrogates, non-ASCII.
 EDGE_NAME_VALUES = ["orders", "é", "x" * 255, "é" * 255, "x" * 256, "", "a\nb", "a\x7fb",
@@ -98,8 +99,8 @@ def test_the_column_path_accepts_only_what_the_schema_accepts_with_the_same_rows
 
 
 def assert_the_paths_agree(raw: list) -> None:
-    by_event, errors = load_by_event(raw, SCHEMA)
-    by_column = load_by_column(raw, SCHEMA)
+    by_event, errors = load_by_event(raw, SCHEMA, RECEIVED)
+    by_column = load_by_column(raw, SCHEMA, RECEIVED)
     if by_column is not None:
         assert errors == {} and by_event.rejected == 0
         assert by_column == by_event.rows
@@ -112,23 +113,24 @@ def assert_the_paths_agree(raw: list) -> None:
 @PROPERTY
 @given(st.lists(events(plain=True), min_size=1, max_size=20))
 def test_plainly_valid_batches_take_the_column_path(raw):
-    rows = load_by_column(raw, SCHEMA)
+    rows = load_by_column(raw, SCHEMA, RECEIVED)
     assert rows is not None
-    batch, errors = build_batch(raw, SCHEMA)
-    assert batch.rows == rows == load_by_event(raw, SCHEMA)[0].rows and errors == {}
+    batch, errors = build_batch(raw, SCHEMA, RECEIVED)
+    assert batch.rows == rows == load_by_event(raw, SCHEMA, RECEIVED)[0].rows and errors == {}
 
 
 def test_an_absent_payload_is_stored_as_an_empty_object_by_both_paths():
     raw = [{"topic": "t", "event_id": "1", "timestamp": "2025-10-18T10:00:00+02:00",
             "source": "s"}]
-    assert load_by_column(raw, SCHEMA) == load_by_event(raw, SCHEMA)[0].rows == [
-        ("t", "1", 1760774400000000, "2025-10-18T08:00:00Z", "s", "{}")]
+    by_event = load_by_event(raw, SCHEMA, RECEIVED)[0].rows
+    assert load_by_column(raw, SCHEMA, RECEIVED) == by_event == [
+        ("t", "1", 1760774400000000, "2025-10-18T08:00:00Z", "s", "{}", RECEIVED)]
 
 
 def test_one_bad_event_sends_the_batch_to_the_schema_which_names_it():
     good = {"topic": "t", "event_id": "1", "timestamp": "2025-10-18T10:00:00Z", "source": "s"}
     raw = [good, {**good, "event_id": "2", "payload": json.loads('{"x": 1e400}')}]
-    assert load_by_column(raw, SCHEMA) is None
-    batch, errors = build_batch(raw, SCHEMA)
+    assert load_by_column(raw, SCHEMA, RECEIVED) is None
+    batch, errors = build_batch(raw, SCHEMA, RECEIVED)
     assert [row[1] for row in batch.rows] == ["1"] and batch.rejected == 1
     assert errors == {"1": {"payload": ["Numbers must be finite (1e400 overflows to infinity)."]}}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# A validated event ready to store: (topic, event_id, ts_us, timestamp, source, payload_json).
-Row = tuple[str, str, int, str, str, str]
+# A validated event ready to store:
+# (topic, event_id, ts_us, timestamp, source, payload_json, received_at).
+Row = tuple[str, str, int, str, str, str, str]
 
 
 class StoreError(Exception):

@@ -47,10 +47,11 @@ POOL_TIMEOUT_S = 5.0
 # rows really stored (ON CONFLICT skips the others, in-batch repeats included).
 _INSERT = (
     "INSERT INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
-    " SELECT topic, event_id, ts, timestamp, source, payload,"
-    " to_char(statement_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-    " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[])"
-    " WITH ORDINALITY AS r(topic, event_id, ts, timestamp, source, payload, n) ORDER BY n"
+    " SELECT topic, event_id, ts, timestamp, source, payload, received_at"
+    " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[])"
+    " WITH ORDINALITY AS r(topic, event_id, ts, timestamp, source, payload, received_at, n)"
+    " ORDER BY n"
     " ON CONFLICT (topic, event_id) DO NOTHING RETURNING seq, topic, ts"
 )
 _ADD_COUNTERS = (

@@ -43,7 +43,7 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 WRITER_CACHE_KIB = 16 * 1024
 _INSERT = (
     "INSERT OR IGNORE INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
 # The rows a transaction added to one topic, counted in the (topic, seq) index alone:
