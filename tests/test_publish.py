@@ -292,3 +292,24 @@ def test_health_is_503_once_the_writers_are_stopped(app, client):
     assert response.status_code == 503 and response.json["checks"]["writers"] == "stopped"
     refused = publish(client, event("late"))
     assert refused.status_code == 503 and refused.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("size", [1, 3, 255, 256, 257, 511, 513, 1537])
+def test_a_batch_of_any_size_is_stored_in_order_once_with_exact_counts(client, db, size):
+    # Rows go in by statements of power-of-two runs: every size must keep the order sent,
+    # drop repeats within the batch and count exactly.
+    ids = [f"e{i:05d}" for i in range(size)]
+    repeats = ids[::7]
+    first = publish(client, [event(i) for i in ids + repeats])
+    assert first.json == {"received": size + len(repeats), "unique_processed": size,
+                          "duplicate_dropped": len(repeats), "rejected": 0}
+    # Re-sent events between new ones: only the new ones are stored, in the order sent.
+    mixed = [x for n, old in enumerate(ids[:40]) for x in (old, f"n{n:05d}")][:size + 1]
+    second = publish(client, [event(i) for i in mixed])
+    new = [i for i in mixed if i.startswith("n")]
+    assert second.json["unique_processed"] == len(new)
+    assert table_keys(db) == [("orders", i) for i in ids + new]
+    assert db_counters(db) == {"received": len(ids + repeats + mixed),
+                               "unique_processed": size + len(new),
+                               "duplicate_dropped": len(repeats) + len(mixed) - len(new),
+                               "rejected": 0}

@@ -9,13 +9,16 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from functools import cache
 from importlib import resources
+from itertools import chain
 
 from .base import (
     Batch,
     Counters,
     EventQuery,
     More,
+    Row,
     Store,
     StoredEvent,
     StoreError,
@@ -43,8 +46,11 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 WRITER_CACHE_KIB = 16 * 1024
 _INSERT = (
     "INSERT OR IGNORE INTO events (topic, event_id, ts, timestamp, source, payload, received_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " VALUES "
 )
+_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+# The most rows one INSERT takes (a power of two; fewer if SQLite allows fewer parameters).
+MAX_ROWS_PER_INSERT = 512
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
 # The rows a transaction added to one topic, counted in the (topic, seq) index alone:
 # cheaper than grouping the new rows themselves (7.6 vs 12.1 us/event at 500 events a commit).
@@ -61,6 +67,12 @@ _MAP_BUCKETS = (
     f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
     f" seq >> {SUB_BITS} FROM events WHERE seq > ?"
 )
+
+
+@cache
+def _insert_rows(count: int) -> str:
+    """Return the INSERT statement for count rows."""
+    return _INSERT + ", ".join([_ROW] * count)
 
 
 def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
@@ -104,6 +116,9 @@ class SQLiteWriter(Writer):
         try:
             self._conn = connect(path)
             self._conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+            parameters = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self._max_rows = min(MAX_ROWS_PER_INSERT,
+                                 1 << (parameters // _ROW.count("?")).bit_length() - 1)
             if max_bytes is not None:
                 # A quota, per connection: past it a commit fails with SQLITE_FULL (a 503),
                 # before the disk itself fills.
@@ -132,10 +147,7 @@ class SQLiteWriter(Writer):
         try:
             # Under the write lock, every row with a higher seq is one this transaction adds.
             (last_seq,) = cur.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-            stored = []
-            for batch in batches:
-                cur.executemany(_INSERT, batch.rows)
-                stored.append(cur.rowcount)
+            stored = [self._insert(cur, batch.rows) for batch in batches]
             received = sum(len(batch.rows) for batch in batches)
             unique = sum(stored)
             cur.executemany(_ADD_COUNTER, [
@@ -161,6 +173,23 @@ class SQLiteWriter(Writer):
                 self._conn.execute("ROLLBACK")
             raise
         return stored
+
+    def _insert(self, cur: sqlite3.Cursor, rows: list[Row]) -> int:
+        """Insert the rows in order, skipping keys already stored; return how many were new.
+
+        Several rows per statement, in runs of power-of-two sizes (500 rows: 256, 128, 64,
+        32, 16, 4), so that a handful of statements serve every batch size and stay in the
+        connection's statement cache. Against executemany's one statement per row: 10-20%
+        less CPU with the write lock held, and the GIL is let go (around each statement)
+        6 times per batch of 500 instead of 500 times; see README, Performance.
+        """
+        new, start = 0, 0
+        while start < len(rows):
+            size = min(self._max_rows, 1 << (len(rows) - start).bit_length() - 1)
+            cur.execute(_insert_rows(size), list(chain.from_iterable(rows[start:start + size])))
+            new += cur.rowcount
+            start += size
+        return new
 
     def close(self) -> None:
         """Close the connection and the lock file; safe to call twice."""
