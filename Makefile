@@ -39,7 +39,7 @@ bench: venv
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.publisher_rss
 
-## bench-growth: fill the store to 10 million events, timing ingest and reads on the way (~10 min, 3 GB disk)
+## bench-growth: fill the store to 10 million events, timing ingest and reads on the way (2-10 min, 3 GB disk)
 bench-growth: venv
 	$(BIN)/python -m bench.growth
 
