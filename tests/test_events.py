@@ -136,7 +136,6 @@ def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunic
     assert before - timedelta(milliseconds=1) <= arrived < released - timedelta(milliseconds=300)
 
 
-
 @pytest.mark.parametrize("param,value", [
     ("limit", "0"), ("limit", "1001"), ("limit", "ten"), ("order", "sideways"),
     ("since", "yesterday"), ("until", "2025-10-18T03:00:00"), ("after", "not-a-cursor"),
