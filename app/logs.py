@@ -17,13 +17,19 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _FIELDS = ("request_id", "method", "path", "status", "duration_ms", "events", "remote_addr")
 
 
+def utc_text(seconds: float, timespec: str = "milliseconds") -> str:
+    """Return a Unix time as the text of every time we write (logs, received_at, /stats):
+    ISO 8601 in UTC, ending in Z."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     """Format a record as one JSON object: time, level, logger, message, request fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
+            "time": utc_text(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, validate
 
+from .logs import utc_text
 from .store.base import Batch, Row
 
 NAME_MAX = 255
@@ -366,7 +368,7 @@ def make_event_schema(max_payload: int) -> EventSchema:
 
 def received_now() -> str:
     """Return the time now as received_at is stored: UTC, to the millisecond."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+    return utc_text(time.time())
 
 
 def build_batch(raw_events: list, schema: EventSchema,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 
 from flask import (
     Blueprint,
@@ -25,6 +24,7 @@ from .body import read_events
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
+from .logs import utc_text
 from .metrics import CONTENT_TYPE
 from .schemas import EventsQuerySchema, build_batch, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
@@ -125,8 +125,7 @@ def stats() -> Response:
         "duplicate_dropped": counters.duplicate_dropped, "rejected": counters.rejected,
         "topics": counters.topics,
         "uptime": round(time.time() - started, 3),
-        "started_at": datetime.fromtimestamp(started, UTC)
-                              .isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "started_at": utc_text(started, "seconds"),
         "queue_depth": _ingestor().depth,
     })
 
