@@ -69,6 +69,11 @@ _MAP_BUCKETS = (
 )
 
 
+def _power_of_two_at_most(n: int) -> int:
+    """Return the largest power of two not above n (n >= 1)."""
+    return 1 << n.bit_length() - 1
+
+
 @cache
 def _insert_rows(count: int) -> str:
     """Return the INSERT statement for count rows."""
@@ -118,7 +123,7 @@ class SQLiteWriter(Writer):
             self._conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
             parameters = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             self._max_rows = min(MAX_ROWS_PER_INSERT,
-                                 1 << (parameters // _ROW.count("?")).bit_length() - 1)
+                                 _power_of_two_at_most(parameters // _ROW.count("?")))
             if max_bytes is not None:
                 # A quota, per connection: past it a commit fails with SQLITE_FULL (a 503),
                 # before the disk itself fills.
@@ -185,7 +190,7 @@ class SQLiteWriter(Writer):
         """
         new, start = 0, 0
         while start < len(rows):
-            size = min(self._max_rows, 1 << (len(rows) - start).bit_length() - 1)
+            size = min(self._max_rows, _power_of_two_at_most(len(rows) - start))
             cur.execute(_insert_rows(size), list(chain.from_iterable(rows[start:start + size])))
             new += cur.rowcount
             start += size
