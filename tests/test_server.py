@@ -273,6 +273,13 @@ def test_one_keep_alive_publisher_is_served_by_every_worker(gunicorn):
     """A connection is closed after KEEPALIVE_REQUESTS requests, so a publisher that keeps
     one connection open reconnects and reaches the other worker too."""
     server = gunicorn(workers=2)
+    # The fixture returns once one worker answers; on a busy machine the other may still
+    # be starting, and every request would then go to the first (seen once in CI).
+    deadline = time.monotonic() + 20
+    while len({entry["pid"] for entry in server.log_records()
+               if entry.get("path") == "/health"}) < 2:
+        assert time.monotonic() < deadline, "the second worker never answered /health"
+        requests.get(server.url + "/health", timeout=10)  # a new connection each time
     session = requests.Session()
     closes = 0
     for n in range(200):
