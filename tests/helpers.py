@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -206,3 +207,20 @@ class GunicornServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+
+def probe_every_worker(server, workers: int = 2) -> list[requests.Response]:
+    """Probe readiness on new connections, 8 at a time, until every worker has answered;
+    return the answers (a load balancer's probe lands on whichever worker accepts it)."""
+    def probe(_):
+        return requests.get(server.url + "/health/ready", timeout=5)
+
+    answers, pids, seen = [], set(), len(server.log_records())
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):
+            answers += pool.map(probe, range(40))
+            pids = {record["pid"] for record in server.log_records()[seen:]
+                    if record.get("path") == "/health/ready"}
+            if len(pids) == workers:
+                return answers
+    raise AssertionError(f"400 probes reached only workers {pids}: the check proves nothing")

@@ -9,14 +9,19 @@ import sqlite3
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from app.ingest import FAILURE_MEMORY_SECONDS, CommitHealth, Ingestor
 from app.store import Batch, SQLiteStore, StoreError
-from tests.helpers import assert_counters_match_the_table, db_counters, event, table_keys
+from tests.helpers import (
+    assert_counters_match_the_table,
+    db_counters,
+    event,
+    probe_every_worker,
+    table_keys,
+)
 
 # Quotas, full disks and file locks of SQLite (PostgreSQL's are the server's business).
 pytestmark = pytest.mark.backends("sqlite")
@@ -140,23 +145,6 @@ def test_idle_server_is_ready_again_a_few_seconds_after_a_failed_commit(gunicorn
     # No traffic comes to clear the error: readiness must not stay 503 for ever, or a
     # load balancer would never send the request that proves the disk has room again.
     assert wait_for_status(server.url + "/health/ready", 200).status_code == 200
-
-
-def probe_every_worker(server, workers: int = 2) -> list[requests.Response]:
-    """Probe readiness on new connections, 8 at a time, until every worker has answered;
-    return the answers (a load balancer's probe lands on whichever worker accepts it)."""
-    def probe(_):
-        return requests.get(server.url + "/health/ready", timeout=5)
-
-    answers, pids, seen = [], set(), len(server.log_records())
-    with ThreadPoolExecutor(8) as pool:
-        for _ in range(10):
-            answers += pool.map(probe, range(40))
-            pids = {record["pid"] for record in server.log_records()[seen:]
-                    if record.get("path") == "/health/ready"}
-            if len(pids) == workers:
-                return answers
-    raise AssertionError(f"400 probes reached only workers {pids}: the check proves nothing")
 
 
 def test_readiness_is_the_servers_whichever_worker_committed(gunicorn, small_disk):

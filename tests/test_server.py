@@ -22,6 +22,7 @@ from tests.helpers import (
     db_counters,
     event,
     free_port,
+    probe_every_worker,
     publish_overlapping,
     table_keys,
 )
@@ -275,11 +276,7 @@ def test_one_keep_alive_publisher_is_served_by_every_worker(gunicorn):
     server = gunicorn(workers=2)
     # The fixture returns once one worker answers; on a busy machine the other may still
     # be starting, and every request would then go to the first (seen once in CI).
-    deadline = time.monotonic() + 20
-    while len({entry["pid"] for entry in server.log_records()
-               if entry.get("path") == "/health"}) < 2:
-        assert time.monotonic() < deadline, "the second worker never answered /health"
-        requests.get(server.url + "/health", timeout=10)  # a new connection each time
+    probe_every_worker(server)
     session = requests.Session()
     closes = 0
     for n in range(200):
