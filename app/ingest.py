@@ -73,6 +73,7 @@ class CommitHealth:
                 with open(partial_path, "w") as out:
                     json.dump(failure, out)
                 os.replace(partial_path, self._path)
+                self._memory = None  # an older failure kept here is superseded
                 return
             except OSError:
                 _remove(partial_path)

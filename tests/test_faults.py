@@ -183,6 +183,25 @@ def test_a_failure_that_cannot_be_shared_is_kept_in_memory(tmp_path):
     assert health.last_error is None
 
 
+def test_a_failure_kept_in_memory_gives_way_to_a_later_shared_one(tmp_path):
+    # The first failure cannot be written (a directory stands where the record goes), the
+    # second can; then another worker commits and removes the record. The first failure is
+    # history by then: it must not come back from this worker's memory.
+    health, other_worker = CommitHealth(str(tmp_path)), CommitHealth(str(tmp_path))
+    record = tmp_path / CommitHealth.FILE_NAME
+    record.mkdir()
+    (record / "in-the-way").touch()
+    health.failed(StoreError("no space left on device"))
+    assert health.last_error == "no space left on device"
+    (record / "in-the-way").unlink()
+    record.rmdir()
+    health.failed(StoreError("database is full"))
+    assert other_worker.last_error == "database is full"
+    other_worker.succeeded()
+    assert health.last_error is None
+    assert other_worker.last_error is None
+
+
 def test_writers_that_cannot_start_are_reported_and_replaced(gunicorn, db_path):
     # A directory where the write lock file belongs: every write connection fails to open,
     # as on a volume that is not writable yet.
