@@ -122,24 +122,25 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def threads_waited(pid: int, name: str) -> float:
-    """Return the seconds a process's threads called name (writer-0 is "writer") have
-    spent runnable but not running, from the kernel's schedstat (0 if it is gone)."""
+def threads_scheduled(pid: int, name: str) -> tuple[float, float]:
+    """Return the seconds a process's threads called name (writer-0 is "writer") have spent
+    running, and runnable but not running, from the kernel's schedstat ((0, 0) if it is gone)."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0.0
-    waited = 0
+        return 0.0, 0.0
+    ran = waited = 0
     for tid in tids:
         try:  # each thread on its own: one that has ended is skipped, not the rest
             with open(f"/proc/{pid}/task/{tid}/comm") as comm:
                 if not comm.read().startswith(name):
                     continue
             with open(f"/proc/{pid}/task/{tid}/schedstat") as schedstat:
-                waited += int(schedstat.read().split()[1])
+                fields = schedstat.read().split()
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
         except OSError:
             pass
-    return waited / 1e9
+    return ran / 1e9, waited / 1e9
 
 
 def cpu_seconds(pid: int, children: bool = False) -> float:

@@ -28,7 +28,7 @@ from bench.common import (
     make_events,
     median,
     percentile,
-    threads_waited,
+    threads_scheduled,
 )
 
 
@@ -84,7 +84,7 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_before = before.ru_utime + before.ru_stime
         cpu_before = {pid: cpu_seconds(pid) for pid in workers}
-        waited_before = sum(threads_waited(pid, "writer") for pid in workers)
+        ran_before, waited_before = _writer_threads(workers)
         rss = PeakRss(server)
         time.sleep(0.5)
         start = time.perf_counter()
@@ -96,7 +96,8 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             proc.join()
         client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [round(cpu_seconds(pid) - cpu_before[pid], 2) for pid in workers]
-        writers_waited = sum(threads_waited(pid, "writer") for pid in workers) - waited_before
+        ran, waited = _writer_threads(workers)
+        writers_ran, writers_waited = ran - ran_before, waited - waited_before
         latencies = [lat for result in results for lat in result[0]]
         statuses: dict[int, int] = {}
         for result in results:
@@ -114,8 +115,14 @@ def end_to_end(bodies: list[bytes], events: int, db_path: Path, clients: int,
             "client_cpu_s": round(client_cpu.ru_utime + client_cpu.ru_stime - client_before, 2),
             "retries": sum(r[1] for r in results), "statuses": statuses,
             "write_lock_held_share": lock_held / elapsed,
-            "writers_waited_for_a_core_s": writers_waited,
+            "writers_ran_s": writers_ran, "writers_waited_for_a_core_s": writers_waited,
             "stored": stats["unique_processed"], "duplicates": stats["duplicate_dropped"]}
+
+
+def _writer_threads(workers: list[int]) -> tuple[float, float]:
+    """Seconds the workers' writer threads have run, and waited for a core, so far."""
+    times = [threads_scheduled(pid, "writer") for pid in workers]
+    return sum(ran for ran, _ in times), sum(waited for _, waited in times)
 
 
 def _write_lock_held(port: int) -> float:
@@ -173,6 +180,10 @@ def main() -> None:
         e2e["ceiling_us_per_event"] = 1e6 / base
         e2e["cores_busy"] = cpu_s / e2e["elapsed_s"]
         e2e["ratio_if_both_cores_busy"] = (os.cpu_count() or 1) / cpu_s * len(events) / base
+        # What the write lock allows: its hold per event, were it held the whole run.
+        lock_s = e2e["write_lock_held_share"] * e2e["elapsed_s"]
+        e2e["lock_us_per_event"] = lock_s / len(events) * 1e6
+        e2e["ratio_if_lock_always_held"] = e2e["ratio"] / e2e["write_lock_held_share"]
         runs.append(e2e)
         print(f"run {run + 1}: end-to-end {e2e['events_per_s']:>9,.0f} ev/s | ceiling "
               f"{base:>9,.0f} ev/s | ratio {e2e['ratio']:.2f} | p50 {e2e['p50_ms']:.1f} ms "
@@ -183,20 +194,24 @@ def main() -> None:
               f"ceiling {e2e['ceiling_us_per_event']:.1f} us | cores busy "
               f"{e2e['cores_busy']:.2f} of {os.cpu_count()} | ratio if every core were busy "
               f"{e2e['ratio_if_both_cores_busy']:.2f} | write lock held "
-              f"{e2e['write_lock_held_share']:.0%} of the run; writers runnable but waiting "
-              f"for a core {e2e['writers_waited_for_a_core_s']:.2f} s "
+              f"{e2e['write_lock_held_share']:.0%} of the run, "
+              f"{e2e['lock_us_per_event']:.1f} us per event (ratio if always held "
+              f"{e2e['ratio_if_lock_always_held']:.2f}); writer threads ran "
+              f"{e2e['writers_ran_s'] / len(events) * 1e6:.1f} us per event and were runnable "
+              f"but waiting for a core {e2e['writers_waited_for_a_core_s']:.2f} s "
               f"({e2e['writers_waited_for_a_core_s'] / len(events) * 1e6:.1f} us per event)")
     summary = {key: median([r[key] for r in runs]) for key in
                ("events_per_s", "ceiling_events_per_s", "ratio", "p50_ms", "p99_ms",
                 "peak_rss_mib", "cpu_us_per_event", "ceiling_us_per_event", "cores_busy",
-                "ratio_if_both_cores_busy", "write_lock_held_share",
-                "writers_waited_for_a_core_s")}
+                "ratio_if_both_cores_busy", "write_lock_held_share", "lock_us_per_event",
+                "ratio_if_lock_always_held", "writers_ran_s", "writers_waited_for_a_core_s")}
     print(f"median of {len(runs)}: end-to-end {summary['events_per_s']:,.0f} ev/s, ceiling "
           f"{summary['ceiling_events_per_s']:,.0f} ev/s, ratio {summary['ratio']:.2f}, "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
           f"peak RSS {summary['peak_rss_mib']:.0f} MiB; cores busy {summary['cores_busy']:.2f}, "
           f"ratio if every core were busy {summary['ratio_if_both_cores_busy']:.2f}, "
-          f"write lock held {summary['write_lock_held_share']:.0%} of the run")
+          f"write lock held {summary['write_lock_held_share']:.0%} of the run, "
+          f"ratio if always held {summary['ratio_if_lock_always_held']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                      "runs": runs, "median": summary}, indent=2))
