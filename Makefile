@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-## run: the aggregator on http://127.0.0.1:8080 (Ctrl-C stops it gracefully)
+## run: the aggregator on http://127.0.0.1:8080 (Ctrl-C stops it gracefully, as SIGTERM does)
 run: venv
 	$(BIN)/gunicorn --config app/gunicorn.conf.py "app:create_app()" --bind 127.0.0.1:8080
 

@@ -4,6 +4,7 @@ GUNICORN_CMD_ARGS, and the app's own settings come from the environment (app/con
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -103,6 +104,8 @@ def on_starting(server):
     from app.metrics import prepare_multiprocess_dir
     from app.store import StoreError, wait_for_database
 
+    # Ctrl-C stops the server as SIGTERM does (see post_worker_init).
+    server.handle_int = server.handle_term
     # The workers share this directory: metric samples, and the last failed commit.
     prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     CommitHealth.reset(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -112,6 +115,19 @@ def on_starting(server):
             _config.start_timeout, reason))
     except (StoreError, OSError) as exc:
         sys.exit("aggregator: database unavailable: " + " ".join(str(exc).split()))
+
+
+def post_worker_init(worker):
+    """Make SIGINT a graceful stop, as SIGTERM is; SIGQUIT stays gunicorn's quick one.
+
+    Ctrl-C in a terminal sends SIGINT to the master and to every worker at once. gunicorn
+    takes it as a quick shutdown: a worker exits from its signal handler, and the master
+    sends it SIGQUIT as well, whose handler exits again while the first exit is running
+    the worker's exit hooks. Under load, most workers stopped by Ctrl-C skipped
+    worker_exit (which commits what is queued) that way. Graceful, each worker finishes
+    its requests in flight, runs worker_exit once, and exits.
+    """
+    signal.signal(signal.SIGINT, worker.handle_exit)
 
 
 def pre_request(worker, req):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,20 +77,30 @@ def test_sigterm_and_restart_keep_events_and_counters(gunicorn, db):
     assert stats(restarted.url)["received"] == 600
 
 
-def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
-    server = gunicorn()
+@contextlib.contextmanager
+def publishing(url: str, clients: int, size: int):
+    """Publish from `clients` threads while the block runs (each stops when the server goes);
+    yield the list of keys that got a 200, which fills meanwhile."""
     acknowledged, stop = [], threading.Event()
-    threads = [threading.Thread(target=load, args=(server.url, w, 50, stop, acknowledged))
-               for w in range(4)]
+    threads = [threading.Thread(target=load, args=(url, w, size, stop, acknowledged))
+               for w in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
-    started = time.monotonic()
-    assert server.terminate() == 0
-    assert time.monotonic() - started < 30, "SIGTERM must finish within graceful_timeout"
-    stop.set()
-    for thread in threads:
-        thread.join()
+    try:
+        yield acknowledged
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
+    server = gunicorn()
+    with publishing(server.url, clients=4, size=50) as acknowledged:
+        time.sleep(1.5)
+        started = time.monotonic()
+        assert server.terminate() == 0
+        assert time.monotonic() - started < 30, "SIGTERM must finish within graceful_timeout"
     assert acknowledged
     stored = set(table_keys(db))
     assert set(acknowledged) <= stored
@@ -97,18 +108,29 @@ def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
     assert counters["unique_processed"] == len(stored)
 
 
+def test_ctrl_c_stops_every_worker_through_its_exit_hook(gunicorn, db):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the master
+    and every worker at once. Each worker must still leave through its exit hook, which
+    commits what is queued: under gunicorn's own SIGINT, most workers skipped it."""
+    server = gunicorn(workers=2)
+    with publishing(server.url, clients=8, size=200) as acknowledged:
+        time.sleep(1.5)
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(40) == 0
+    exited = {record["pid"] for record in server.log_records()
+              if record.get("message", "").startswith("Worker exiting")}
+    assert len(exited) == 2, "a worker stopped without running its exit hook"
+    assert acknowledged
+    stored = set(table_keys(db))
+    assert set(acknowledged) <= stored
+    assert db_counters(db)["unique_processed"] == len(stored)
+
+
 def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     server = gunicorn(workers=2, writers=2)
-    acknowledged, stop = [], threading.Event()
-    threads = [threading.Thread(target=load, args=(server.url, w, 100, stop, acknowledged))
-               for w in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2.0)
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with publishing(server.url, clients=8, size=100) as acknowledged:
+        time.sleep(2.0)
+        os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
     assert len(acknowledged) >= 1000
     restarted = gunicorn()
