@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
@@ -123,12 +125,14 @@ class Summary:
     elapsed_s: float = 0.0
     events_per_s: float = 0.0
     seed: int | None = None
+    # Ctrl-C: the batches in flight were answered and counted; the rest were not sent.
+    interrupted: bool = False
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """Return whether every event was acknowledged (stored or duplicate)."""
-        return self.rejected == 0 and self.failed == 0
+        return self.rejected == 0 and self.failed == 0 and not self.interrupted
 
 
 class Sender:
@@ -142,19 +146,28 @@ class Sender:
         self.fatal: str | None = None
 
     def run(self, batches: Iterator[Batch], concurrency: int) -> None:
-        """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes."""
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool:
+        """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes.
+
+        After a Ctrl-C, send nothing more but wait for the answers to the batches in
+        flight, so that the summary counts every batch the aggregator may have committed.
+        """
+        with (_stop_sending_on_ctrl_c(self.summary),
+              ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool):
             pending: set[Future] = set()
             for batch in batches:
-                if self.fatal:
+                if self.fatal or self.summary.interrupted:
                     break
                 if len(pending) >= 2 * concurrency:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         self._tally(*future.result())
                 pending.add(pool.submit(self._send, batch))
+            if self.summary.interrupted:
+                for future in pending:
+                    future.cancel()  # queued in the pool, not sent yet
             for future in wait(pending).done:
-                self._tally(*future.result())
+                if not future.cancelled():
+                    self._tally(*future.result())
 
     def _send(self, batch: Batch) -> tuple[Batch, BatchResult | None, str]:
         if self.fatal:
@@ -206,6 +219,36 @@ class Sender:
         if self.rejects is not None and line is not None:
             self.rejects.write(json.dumps({"line": number, "errors": reason,
                                            "event": line.decode("utf-8", "replace")}) + "\n")
+
+
+@contextmanager
+def _stop_sending_on_ctrl_c(summary: Summary) -> Iterator[None]:
+    """Make a first Ctrl-C mark the summary interrupted instead of raising where the main
+    thread happens to be (possibly between an answer and its tally). A second one exits at
+    once, without waiting for answers that may be slow to come (the aggregator may still
+    commit those batches: sending them again is safe). Nothing changes off the main
+    thread, or where SIGINT is ignored (started with nohup, or in the background of a
+    script)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        if summary.interrupted:
+            print("publisher: stopped without waiting for the batches in flight",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
+        summary.interrupted = True
+        print("publisher: interrupted; waiting for the answers to the batches in flight",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _progress(total: int | None, stack: ExitStack):
@@ -289,6 +332,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("publisher: interrupted", file=sys.stderr)
         return 130
     _print(summary, args.json)
+    if summary.interrupted:
+        print("publisher: interrupted: nothing was sent after the batches counted above",
+              file=sys.stderr)
+        return 130
     if not summary.ok:
         print(f"publisher: error: {summary.rejected + summary.failed} events were not "
               "acknowledged", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,13 +13,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-from tests.helpers import ROOT, GunicornServer, event, free_port, table_keys
+from tests.helpers import (
+    ROOT,
+    GunicornServer,
+    event,
+    free_port,
+    table_keys,
+    write_lock_held_outside,
+)
 
 
 def run_publisher(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "publisher", *args], cwd=ROOT,
                           env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_publisher(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "publisher", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def poll_stats_while_running(publisher: subprocess.Popen, url: str, until) -> None:
+    """Poll the aggregator's /stats until until(stats) holds; the publisher must still run."""
+    deadline = time.monotonic() + 60
+    while not until(requests.get(url + "/stats", timeout=5).json()):
+        assert publisher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db):
@@ -47,10 +68,8 @@ def test_same_seed_again_is_all_duplicates(gunicorn):
 
 def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
     server = GunicornServer(db, tmp_path / "late.log")
-    publisher = subprocess.Popen(
-        [sys.executable, "-m", "publisher", "--url", server.url, "--events", "300",
-         "--duplicate-rate", "0.1", "--wait", "60", "--json"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    publisher = start_publisher("--url", server.url, "--events", "300", "--duplicate-rate",
+                                "0.1", "--wait", "60", "--json")
     try:
         time.sleep(2)
         assert publisher.poll() is None
@@ -61,6 +80,48 @@ def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
         server.kill()
     assert publisher.returncode == 0, err
     assert json.loads(out)["unique"] == 300
+
+
+def test_ctrl_c_sends_nothing_more_and_sums_up_exactly_what_was_committed(gunicorn):
+    """A first Ctrl-C stops sending, waits for the answers to the batches in flight and
+    prints the summary: its counts are the aggregator's, to the event."""
+    server = gunicorn()
+    publisher = start_publisher("--url", server.url, "--events", "1000000", "--duplicate-rate",
+                                "0.2", "--batch-size", "100", "--concurrency", "8", "--json")
+    try:
+        poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] >= 5000)
+        publisher.send_signal(signal.SIGINT)
+        out, err = publisher.communicate(timeout=60)
+    finally:
+        publisher.kill()
+    assert publisher.returncode == 130, err
+    assert "interrupted" in err
+    summary = json.loads(out)
+    assert summary["interrupted"] and not summary["ok"]
+    assert 5000 <= summary["sent"] < 1_200_000 and summary["failed"] == 0
+    stats = requests.get(server.url + "/stats", timeout=5).json()
+    assert (summary["acknowledged"], summary["unique"], summary["duplicates"]) == (
+        stats["received"], stats["unique_processed"], stats["duplicate_dropped"])
+
+
+def test_a_second_ctrl_c_exits_at_once_while_answers_are_pending(gunicorn, db):
+    server = gunicorn(workers=1)
+    with write_lock_held_outside(db):  # no batch can be committed, so none is answered
+        publisher = start_publisher("--url", server.url, "--events", "1000", "--batch-size",
+                                    "100", "--concurrency", "2", "--json")
+        try:
+            # One batch is with the writer, waiting for the lock; one more waits behind it.
+            poll_stats_while_running(publisher, server.url,
+                                     lambda stats: stats["queue_depth"] >= 1)
+            publisher.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert publisher.poll() is None, "the first Ctrl-C waits for the answers"
+            publisher.send_signal(signal.SIGINT)
+            out, err = publisher.communicate(timeout=10)
+        finally:
+            publisher.kill()
+    assert publisher.returncode == 130
+    assert out == "" and "stopped without waiting" in err
 
 
 def test_nothing_listening_exits_1_with_one_line_within_the_wait(tmp_path):
