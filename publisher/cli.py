@@ -125,14 +125,15 @@ class Summary:
     elapsed_s: float = 0.0
     events_per_s: float = 0.0
     seed: int | None = None
-    # Ctrl-C: the batches in flight were answered and counted; the rest were not sent.
-    interrupted: bool = False
+    # The signal (SIGINT: Ctrl-C, or SIGTERM) that stopped the sending: the batches then in
+    # flight were answered and counted, and no more were sent.
+    interrupted: str | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """Return whether every event was acknowledged (stored or duplicate)."""
-        return self.rejected == 0 and self.failed == 0 and not self.interrupted
+        return self.rejected == 0 and self.failed == 0 and self.interrupted is None
 
 
 class Sender:
@@ -148,21 +149,22 @@ class Sender:
     def run(self, batches: Iterator[Batch], concurrency: int) -> None:
         """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes.
 
-        After a Ctrl-C, send nothing more but wait for the answers to the batches in
-        flight, so that the summary counts every batch the aggregator may have committed.
+        After a Ctrl-C or SIGTERM, send nothing more but wait for the answers to the
+        batches in flight, so that the summary counts every batch the aggregator may have
+        committed.
         """
-        with (_stop_sending_on_ctrl_c(self.summary),
+        with (_stop_sending_on_signals(self.summary),
               ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool):
             pending: set[Future] = set()
             for batch in batches:
-                if self.fatal or self.summary.interrupted:
+                if self.fatal or self.summary.interrupted is not None:
                     break
                 if len(pending) >= 2 * concurrency:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         self._tally(*future.result())
                 pending.add(pool.submit(self._send, batch))
-            if self.summary.interrupted:
+            if self.summary.interrupted is not None:
                 for future in pending:
                     future.cancel()  # queued in the pool, not sent yet
             for future in wait(pending).done:
@@ -222,33 +224,38 @@ class Sender:
 
 
 @contextmanager
-def _stop_sending_on_ctrl_c(summary: Summary) -> Iterator[None]:
-    """Make a first Ctrl-C mark the summary interrupted instead of raising where the main
-    thread happens to be (possibly between an answer and its tally). A second one exits at
-    once, without waiting for answers that may be slow to come (the aggregator may still
-    commit those batches: sending them again is safe). Nothing changes off the main
-    thread, or where SIGINT is ignored (started with nohup, or in the background of a
-    script)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+def _stop_sending_on_signals(summary: Summary) -> Iterator[None]:
+    """Make a first SIGINT (Ctrl-C) or SIGTERM (docker stop) mark the summary interrupted,
+    instead of raising where the main thread happens to be (possibly between an answer and
+    its tally) or, for SIGTERM, ending at once (or, as PID 1 in a container, being
+    ignored). A second one exits at once, without waiting for answers that may be slow to
+    come (the aggregator may still commit those batches: sending them again is safe).
+    Nothing changes off the main thread, nor for a signal that is ignored (nohup, the
+    background of a script)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame) -> None:
-        if summary.interrupted:
+        if summary.interrupted is not None:
             print("publisher: stopped without waiting for the batches in flight",
                   file=sys.stderr, flush=True)
             sys.stdout.flush()
-            os._exit(130)
-        summary.interrupted = True
-        print("publisher: interrupted; waiting for the answers to the batches in flight",
-              file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        summary.interrupted = signal.Signals(signum).name
+        print(f"publisher: {summary.interrupted}: waiting for the answers to the batches in "
+              "flight", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 def _progress(total: int | None, stack: ExitStack):
@@ -332,10 +339,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("publisher: interrupted", file=sys.stderr)
         return 130
     _print(summary, args.json)
-    if summary.interrupted:
-        print("publisher: interrupted: nothing was sent after the batches counted above",
-              file=sys.stderr)
-        return 130
+    if summary.interrupted is not None:
+        print(f"publisher: {summary.interrupted}: nothing was sent after the batches counted "
+              "above", file=sys.stderr)
+        return 128 + signal.Signals[summary.interrupted]
     if not summary.ok:
         print(f"publisher: error: {summary.rejected + summary.failed} events were not "
               "acknowledged", file=sys.stderr)

@@ -11,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import requests
 
 from tests.helpers import (
@@ -82,22 +83,24 @@ def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
     assert json.loads(out)["unique"] == 300
 
 
-def test_ctrl_c_sends_nothing_more_and_sums_up_exactly_what_was_committed(gunicorn):
-    """A first Ctrl-C stops sending, waits for the answers to the batches in flight and
-    prints the summary: its counts are the aggregator's, to the event."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_sends_nothing_more_and_sums_up_exactly_what_was_committed(
+        gunicorn, signum):
+    """A first Ctrl-C (or SIGTERM: docker stop) stops sending, waits for the answers to the
+    batches in flight and prints the summary: its counts are the aggregator's, to the event."""
     server = gunicorn()
     publisher = start_publisher("--url", server.url, "--events", "1000000", "--duplicate-rate",
                                 "0.2", "--batch-size", "100", "--concurrency", "8", "--json")
     try:
         poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] >= 5000)
-        publisher.send_signal(signal.SIGINT)
+        publisher.send_signal(signum)
         out, err = publisher.communicate(timeout=60)
     finally:
         publisher.kill()
-    assert publisher.returncode == 130, err
-    assert "interrupted" in err
+    assert publisher.returncode == 128 + signum, err
     summary = json.loads(out)
-    assert summary["interrupted"] and not summary["ok"]
+    assert summary["interrupted"] == signum.name and not summary["ok"]
+    assert f"publisher: {signum.name}: nothing was sent after" in err
     assert 5000 <= summary["sent"] < 1_200_000 and summary["failed"] == 0
     stats = requests.get(server.url + "/stats", timeout=5).json()
     assert (summary["acknowledged"], summary["unique"], summary["duplicates"]) == (
