@@ -230,8 +230,8 @@ def _stop_sending_on_signals(summary: Summary) -> Iterator[None]:
     its tally) or, for SIGTERM, ending at once (or, as PID 1 in a container, being
     ignored). A second one exits at once, without waiting for answers that may be slow to
     come (the aggregator may still commit those batches: sending them again is safe).
-    Nothing changes off the main thread, nor for a signal that is ignored (nohup, the
-    background of a script)."""
+    Nothing changes off the main thread, nor for a signal that is ignored (SIGINT is, in a
+    job that a script starts in the background)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
