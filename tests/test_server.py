@@ -19,8 +19,8 @@ import requests
 from tests.helpers import (
     ROOT,
     GunicornServer,
+    assert_counters_match_the_table,
     assert_each_key_once_with_exact_counts,
-    db_counters,
     event,
     free_port,
     probe_every_worker,
@@ -94,6 +94,13 @@ def publishing(url: str, clients: int, size: int):
             thread.join()
 
 
+def assert_every_acknowledged_key_stored(db, acknowledged: list) -> None:
+    """Some events were acknowledged, each is stored, and the counters match the table."""
+    assert acknowledged
+    assert set(acknowledged) <= set(table_keys(db))
+    assert_counters_match_the_table(db)
+
+
 def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
     server = gunicorn()
     with publishing(server.url, clients=4, size=50) as acknowledged:
@@ -101,11 +108,7 @@ def test_sigterm_commits_requests_in_flight_and_exits_zero(gunicorn, db):
         started = time.monotonic()
         assert server.terminate() == 0
         assert time.monotonic() - started < 30, "SIGTERM must finish within graceful_timeout"
-    assert acknowledged
-    stored = set(table_keys(db))
-    assert set(acknowledged) <= stored
-    counters = db_counters(db)
-    assert counters["unique_processed"] == len(stored)
+    assert_every_acknowledged_key_stored(db, acknowledged)
 
 
 def test_ctrl_c_stops_every_worker_through_its_exit_hook(gunicorn, db):
@@ -120,10 +123,7 @@ def test_ctrl_c_stops_every_worker_through_its_exit_hook(gunicorn, db):
     exited = {record["pid"] for record in server.log_records()
               if record.get("message", "").startswith("Worker exiting")}
     assert len(exited) == 2, "a worker stopped without running its exit hook"
-    assert acknowledged
-    stored = set(table_keys(db))
-    assert set(acknowledged) <= stored
-    assert db_counters(db)["unique_processed"] == len(stored)
+    assert_every_acknowledged_key_stored(db, acknowledged)
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
