@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from .client import BatchResult, Publisher, PublishError
-from .events import Batch, EventFactory, file_batches, generated_batches, send_order
+from .events import DEFAULT_LINGER, Batch, EventFactory, file_batches, generated_batches, send_order
 
 FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
                   404: "no /publish here: check --url"}
@@ -87,6 +87,9 @@ OPTIONS = {
     "--file": ("PUBLISHER_FILE", None, str, "replay events from an NDJSON file (- for stdin)"),
     "--rejects": ("PUBLISHER_REJECTS", None, str,
                   "with --file, write refused lines here as NDJSON"),
+    "--linger": ("PUBLISHER_LINGER", str(DEFAULT_LINGER), _seconds,
+                 "with --file, send a batch that is not full once its first line has "
+                 "waited this many seconds"),
 }
 
 
@@ -146,8 +149,13 @@ class Sender:
         self.rejects = rejects
         self.fatal: str | None = None
 
-    def run(self, batches: Iterator[Batch], concurrency: int) -> None:
+    def stopped(self) -> bool:
+        """Return whether nothing more is to be sent: a fatal answer, Ctrl-C or SIGTERM."""
+        return self.fatal is not None or self.summary.interrupted is not None
+
+    def run(self, batches: Iterator[Batch | None], concurrency: int) -> None:
         """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes.
+        A None from batches means none is ready yet: the answers that came are counted.
 
         After a Ctrl-C or SIGTERM, send nothing more but wait for the answers to the
         batches in flight, so that the summary counts every batch the aggregator may have
@@ -157,13 +165,19 @@ class Sender:
               ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool):
             pending: set[Future] = set()
             for batch in batches:
-                if self.fatal or self.summary.interrupted is not None:
+                if self.stopped():
                     break
-                if len(pending) >= 2 * concurrency:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        self._tally(*future.result())
-                pending.add(pool.submit(self._send, batch))
+                # Count the answers that have come (a slow stream may yield a batch a
+                # minute); when the window is full, wait for one first.
+                full = batch is not None and len(pending) >= 2 * concurrency
+                done, pending = wait(pending, timeout=None if full else 0,
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._tally(*future.result())
+                if batch is not None:
+                    pending.add(pool.submit(self._send, batch))
+                elif self.rejects is not None:
+                    self.rejects.flush()  # the stream is quiet: show what was refused
             if self.summary.interrupted is not None:
                 for future in pending:
                     future.cancel()  # queued in the pool, not sent yet
@@ -294,7 +308,8 @@ def publish(args: argparse.Namespace) -> Summary:
         if args.file:
             stream = (sys.stdin.buffer if args.file == "-"
                       else stack.enter_context(open(args.file, "rb")))
-            batches = file_batches(stream, args.batch_size, sender.reject_line)
+            batches = file_batches(stream, args.batch_size, sender.reject_line,
+                                   linger=args.linger)
         else:
             batches = generated_batches(EventFactory(args.seed, args.topics), order,
                                         args.batch_size)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import select
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import IO
+
+# A batch read from a stream goes once its first line has waited this long (--linger).
+DEFAULT_LINGER = 1.0
+# How often a stream that has nothing to read is checked for a stop (Ctrl-C, SIGTERM).
+POLL_SECONDS = 0.2
+# The most one read of a stream takes.
+READ_BYTES = 256 * 1024
 
 LEVELS = ("debug", "info", "info", "info", "warning", "error")
 SERVICES = ("api-gateway", "checkout", "billing", "auth", "search", "inventory")
@@ -82,24 +92,71 @@ def generated_batches(factory: EventFactory, order: array, batch_size: int) -> I
 
 
 def file_batches(stream: IO[bytes], batch_size: int,
-                 bad_line: Callable[[int, bytes, str], None]) -> Iterator[Batch]:
-    """Yield NDJSON bodies of batch_size lines of the file, reading it as it goes; a line
-    that is not a JSON object is not sent but handed to bad_line(number, line, reason)."""
-    lines, raw = [], []
-    for number, line in enumerate(stream, 1):
+                 bad_line: Callable[[int, bytes, str], None], *,
+                 linger: float = DEFAULT_LINGER) -> Iterator[Batch | None]:
+    """Yield NDJSON bodies of up to batch_size lines of the stream, reading it as it goes.
+
+    A batch goes when it is full, at the end of the stream, or once its first line has
+    waited `linger` seconds for the rest: a pipe that `tail -f` feeds a few lines at a time
+    must not hold them until batch_size lines have come. While it waits for input it yields
+    None every POLL_SECONDS at most, so that the caller can count the answers that came
+    meanwhile, and stop (a Ctrl-C must not wait for the next line). A line that is not a
+    JSON object is not sent but handed to bad_line(number, line, reason). Memory: one read
+    of READ_BYTES, the longest line and one batch.
+    """
+    fd = stream.fileno()
+    pending = bytearray()  # read, not yet a whole line
+    lines: list[int] = []
+    raw: list[bytes] = []
+    number = 0
+    due = None  # when the batch being filled must go, full or not
+
+    def take(line: bytes) -> Batch | None:
+        nonlocal number, due
+        number += 1
         line = line.strip()
         if not line:
-            continue
+            return None
         try:
             if not isinstance(json.loads(line), dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             bad_line(number, line, f"not a JSON event object ({exc})")
-            continue
+            return None
+        if not raw:
+            due = time.monotonic() + linger
         lines.append(number)
         raw.append(line)
-        if len(raw) == batch_size:
-            yield Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
-            lines, raw = [], []
-    if raw:
-        yield Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
+        return cut() if len(raw) == batch_size else None
+
+    def cut() -> Batch:
+        nonlocal lines, raw
+        batch = Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
+        lines, raw = [], []
+        return batch
+
+    while True:
+        wait = POLL_SECONDS if not raw else min(POLL_SECONDS, max(0.0, due - time.monotonic()))
+        if select.select([fd], [], [], wait)[0]:
+            chunk = os.read(fd, READ_BYTES)
+            if not chunk:  # the end of the stream
+                if pending:
+                    batch = take(bytes(pending))
+                    if batch is not None:
+                        yield batch
+                if raw:
+                    yield cut()
+                return
+            pending += chunk
+            end = pending.rfind(b"\n")
+            if end >= 0:
+                whole = bytes(pending[:end])
+                del pending[:end + 1]
+                for line in whole.split(b"\n"):
+                    batch = take(line)
+                    if batch is not None:
+                        yield batch
+        else:
+            yield None
+        if raw and time.monotonic() >= due:
+            yield cut()

@@ -30,9 +30,15 @@ def run_publisher(*args: str, timeout: float = 120, **env: str) -> subprocess.Co
                           timeout=timeout)
 
 
-def start_publisher(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "publisher", *args], cwd=ROOT,
+def start_publisher(*args: str, stdin=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "publisher", *args], cwd=ROOT, stdin=stdin,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def feed(publisher: subprocess.Popen, *events: dict) -> None:
+    """Write the events to the publisher's stdin as NDJSON lines, and flush them."""
+    publisher.stdin.write("".join(json.dumps(e) + "\n" for e in events))
+    publisher.stdin.flush()
 
 
 def poll_stats_while_running(publisher: subprocess.Popen, url: str, until) -> None:
@@ -205,6 +211,60 @@ def test_file_of_200000_bad_lines_is_reported_line_by_line_under_100_mb(gunicorn
     with rejects.open() as written:
         assert sum(1 for _ in written) == 200_000
     assert peak_kib < 100 * 1024, f"publisher peak RSS {peak_kib} KiB"
+
+
+def test_a_stream_that_pauses_has_its_lines_sent_after_the_linger(gunicorn, tmp_path, db):
+    """tail -f | publisher --file -: lines that come a few at a time are sent once the first
+    of them has waited --linger seconds, not held until a batch is full or the stream ends;
+    a refusal is in the rejects file meanwhile."""
+    server = gunicorn()
+    rejects = tmp_path / "rejects.ndjson"
+    publisher = start_publisher("--url", server.url, "--file", "-", "--batch-size", "500",
+                                "--linger", "0.3", "--rejects", str(rejects), "--json",
+                                stdin=subprocess.PIPE)
+    try:
+        feed(publisher, event("slow-0"), event("slow-1"),
+             event("naive", timestamp="2025-10-18T03:00:00"))
+        poll_stats_while_running(publisher, server.url,
+                                 lambda stats: (stats["received"], stats["rejected"]) == (2, 1))
+        deadline = time.monotonic() + 10
+        while not rejects.read_text():
+            assert publisher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert json.loads(rejects.read_text())["line"] == 3
+        feed(publisher, event("slow-2"))
+        poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] == 3)
+        out, err = publisher.communicate(timeout=30)  # closes stdin: the end of the stream
+    finally:
+        publisher.kill()
+    assert publisher.returncode == 1, err  # one event was refused
+    summary = json.loads(out)
+    assert (summary["acknowledged"], summary["rejected"], summary["batches"]) == (3, 1, 2)
+    assert {key for _, key in table_keys(db)} == {"slow-0", "slow-1", "slow-2"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_a_publisher_waiting_on_a_silent_stream_at_once(gunicorn, signum):
+    """Ctrl-C (or docker stop) does not wait for the next line of a stream that has gone
+    quiet; a line held for a batch that is not full is not sent."""
+    server = gunicorn()
+    publisher = start_publisher("--url", server.url, "--file", "-", "--batch-size", "2",
+                                "--linger", "60", "--json", stdin=subprocess.PIPE)
+    try:
+        feed(publisher, event("quiet-0"), event("quiet-1"))
+        poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] == 2)
+        feed(publisher, event("held"))
+        time.sleep(0.5)
+        publisher.send_signal(signum)
+        publisher.wait(timeout=10)  # not communicate(): it would close stdin, an end
+        out, err = publisher.stdout.read(), publisher.stderr.read()
+    finally:
+        publisher.kill()
+        publisher.stdin.close()
+    assert publisher.returncode == 128 + signum, err
+    summary = json.loads(out)
+    assert (summary["acknowledged"], summary["interrupted"]) == (2, signum.name)
+    assert requests.get(server.url + "/stats", timeout=5).json()["received"] == 2
 
 
 def run_publisher_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
