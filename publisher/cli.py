@@ -155,7 +155,9 @@ class Sender:
 
     def run(self, batches: Iterator[Batch | None], concurrency: int) -> None:
         """Send every batch (at most 2 x concurrency in memory) unless a fatal answer comes.
-        A None from batches means none is ready yet: the answers that came are counted.
+
+        A None from batches means that none is ready yet (a quiet stream): the answers that
+        have come are counted meanwhile, and a stop is seen at once.
 
         After a Ctrl-C or SIGTERM, send nothing more but wait for the answers to the
         batches in flight, so that the summary counts every batch the aggregator may have
