@@ -139,15 +139,8 @@ def file_batches(stream: IO[bytes], batch_size: int,
         wait = POLL_SECONDS if not raw else min(POLL_SECONDS, max(0.0, due - time.monotonic()))
         if select.select([fd], [], [], wait)[0]:
             chunk = os.read(fd, READ_BYTES)
-            if not chunk:  # the end of the stream
-                if pending:
-                    batch = take(bytes(pending))
-                    if batch is not None:
-                        yield batch
-                if raw:
-                    yield cut()
-                return
-            pending += chunk
+            # At the end of the stream, a last line without its newline is whole too.
+            pending += chunk or (b"\n" if pending else b"")
             end = pending.rfind(b"\n")
             if end >= 0:
                 whole = bytes(pending[:end])
@@ -156,6 +149,10 @@ def file_batches(stream: IO[bytes], batch_size: int,
                     batch = take(line)
                     if batch is not None:
                         yield batch
+            if not chunk:
+                if raw:
+                    yield cut()
+                return
         else:
             yield None
         if raw and time.monotonic() >= due:

@@ -41,12 +41,18 @@ def feed(publisher: subprocess.Popen, *events: dict) -> None:
     publisher.stdin.flush()
 
 
-def poll_stats_while_running(publisher: subprocess.Popen, url: str, until) -> None:
-    """Poll the aggregator's /stats until until(stats) holds; the publisher must still run."""
-    deadline = time.monotonic() + 60
-    while not until(requests.get(url + "/stats", timeout=5).json()):
+def poll_while_running(publisher: subprocess.Popen, until, seconds: float = 60) -> None:
+    """Poll until until() holds, within the seconds given; the publisher must still run."""
+    deadline = time.monotonic() + seconds
+    while not until():
         assert publisher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def poll_stats_while_running(publisher: subprocess.Popen, url: str, until) -> None:
+    """Poll the aggregator's /stats until until(stats) holds; the publisher must still run."""
+    poll_while_running(
+        publisher, lambda: until(requests.get(url + "/stats", timeout=5).json()))
 
 
 def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db):
@@ -227,10 +233,7 @@ def test_a_stream_that_pauses_has_its_lines_sent_after_the_linger(gunicorn, tmp_
              event("naive", timestamp="2025-10-18T03:00:00"))
         poll_stats_while_running(publisher, server.url,
                                  lambda stats: (stats["received"], stats["rejected"]) == (2, 1))
-        deadline = time.monotonic() + 10
-        while not rejects.read_text():
-            assert publisher.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        poll_while_running(publisher, rejects.read_text, seconds=10)
         assert json.loads(rejects.read_text())["line"] == 3
         feed(publisher, event("slow-2"))
         poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] == 3)
