@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from .client import BatchResult, Publisher, PublishError
+from .client import MAX_BACKOFF, BatchResult, Publisher, PublishError
 from .events import DEFAULT_LINGER, Batch, EventFactory, file_batches, generated_batches, send_order
 
 FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
@@ -38,6 +38,12 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise ValueError
     return value
+
+
+def _retries(text: str) -> int | None:
+    if text.strip().lower() == "unlimited":
+        return None
+    return _non_negative(text)
 
 
 def _rate(text: str) -> float:
@@ -64,6 +70,7 @@ def _topics(text: str) -> list[str]:
 # argparse names the type in its message: "invalid positive integer value: '0'".
 _positive.__name__ = "positive integer"
 _non_negative.__name__ = "non-negative integer"
+_retries.__name__ = "retry count (or unlimited)"
 _rate.__name__ = "rate (0 to 10)"
 _seconds.__name__ = "seconds"
 _topics.__name__ = "topic list"
@@ -82,8 +89,11 @@ OPTIONS = {
                "seed for ids and order (default: random, printed)"),
     "--token": ("PUBLISHER_TOKEN", None, str, "bearer token for /publish"),
     "--wait": ("PUBLISHER_WAIT", "30", _seconds, "seconds to wait for /health first"),
-    "--retries": ("PUBLISHER_RETRIES", "8", _non_negative,
-                  "retries per batch on connection errors, 429 and 5xx"),
+    "--retries": ("PUBLISHER_RETRIES", "8", _retries,
+                  "retries per batch on connection errors, 429 and 502/503/504 "
+                  "('unlimited': until it is delivered, or Ctrl-C)"),
+    "--max-backoff": ("PUBLISHER_MAX_BACKOFF", f"{MAX_BACKOFF:g}", _seconds,
+                      "longest wait between two retries, in seconds"),
     "--file": ("PUBLISHER_FILE", None, str, "replay events from an NDJSON file (- for stdin)"),
     "--rejects": ("PUBLISHER_REJECTS", None, str,
                   "with --file, write refused lines here as NDJSON"),
@@ -161,9 +171,10 @@ class Sender:
 
         After a Ctrl-C or SIGTERM, send nothing more but wait for the answers to the
         batches in flight, so that the summary counts every batch the aggregator may have
-        committed.
+        committed. A batch waiting to be retried is not retried again (it would be, with
+        --retries unlimited, for as long as the aggregator is away): it counts as failed.
         """
-        with (_stop_sending_on_signals(self.summary),
+        with (_stop_sending_on_signals(self.summary, self.publisher.stop_retrying),
               ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool):
             pending: set[Future] = set()
             for batch in batches:
@@ -193,7 +204,8 @@ class Sender:
         try:
             return batch, self.publisher.publish(batch.body, batch.content_type), ""
         except PublishError as exc:
-            self.fatal = str(exc)
+            if self.summary.interrupted is None:
+                self.fatal = str(exc)
             return batch, None, str(exc)
 
     def _tally(self, batch: Batch, result: BatchResult | None, problem: str) -> None:
@@ -240,14 +252,15 @@ class Sender:
 
 
 @contextmanager
-def _stop_sending_on_signals(summary: Summary) -> Iterator[None]:
+def _stop_sending_on_signals(summary: Summary, stop_retrying) -> Iterator[None]:
     """Make a first SIGINT (Ctrl-C) or SIGTERM (docker stop) mark the summary interrupted,
     instead of raising where the main thread happens to be (possibly between an answer and
     its tally) or, for SIGTERM, ending at once (or, as PID 1 in a container, being
     ignored). A second one exits at once, without waiting for answers that may be slow to
     come (the aggregator may still commit those batches: sending them again is safe).
     Nothing changes off the main thread, nor for a signal that is ignored (SIGINT is, in a
-    job that a script starts in the background)."""
+    job that a script starts in the background). stop_retrying() is called at the first
+    one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -259,6 +272,7 @@ def _stop_sending_on_signals(summary: Summary) -> Iterator[None]:
             sys.stdout.flush()
             os._exit(128 + signum)
         summary.interrupted = signal.Signals(signum).name
+        stop_retrying()
         print(f"publisher: {summary.interrupted}: waiting for the answers to the batches in "
               "flight", file=sys.stderr, flush=True)
 
@@ -272,6 +286,12 @@ def _stop_sending_on_signals(summary: Summary) -> Iterator[None]:
         for signum, handler in previous.items():
             if handler is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signum, handler)
+
+
+def _say_retrying(reason: str, seconds: float, attempt: int) -> None:
+    """Tell, on stderr (above a progress bar), that a batch will be sent again and why."""
+    tqdm.write(f"publisher: retrying a batch in {seconds:.1f} s (retry {attempt}): {reason}",
+               file=sys.stderr)
 
 
 def _progress(total: int | None, stack: ExitStack):
@@ -297,7 +317,8 @@ def _progress(total: int | None, stack: ExitStack):
 def publish(args: argparse.Namespace) -> Summary:
     """Wait for the aggregator, send everything, and return the summary."""
     publisher = Publisher(args.url, token=args.token, retries=args.retries,
-                          pool_size=args.concurrency)
+                          max_backoff=args.max_backoff, pool_size=args.concurrency,
+                          on_retry=_say_retrying)
     summary = Summary(url=args.url, seed=None if args.file else args.seed)
     with ExitStack() as stack:
         stack.callback(publisher.close)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -10,6 +12,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 RETRY_STATUSES = (429, 502, 503, 504)
+MAX_BACKOFF = 30.0
 
 
 class PublishError(Exception):
@@ -34,25 +37,65 @@ class BatchResult:
         return self.status in (200, 207, 422)
 
 
+class StoppableRetry(Retry):
+    """urllib3's Retry that tells on_retry(reason, seconds, attempt) before each wait, and
+    that stops retrying once its stop event is set: a wait under way ends at once (one last
+    attempt follows), and no retry comes after it."""
+
+    def __init__(self, *args, stop: threading.Event | None = None,
+                 on_retry: Callable[[str, float, int], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop = stop if stop is not None else threading.Event()
+        self.on_retry = on_retry
+
+    def new(self, **kw) -> StoppableRetry:
+        return super().new(stop=self.stop, on_retry=self.on_retry, **kw)
+
+    def is_exhausted(self) -> bool:
+        return self.stop.is_set() or super().is_exhausted()
+
+    def sleep(self, response=None) -> None:
+        seconds = None
+        if self.respect_retry_after_header and response is not None:
+            seconds = self.get_retry_after(response)
+        if not seconds:
+            seconds = self.get_backoff_time()
+        if self.on_retry is not None and self.history:
+            last = self.history[-1]
+            reason = _reason(last.error) if last.error else f"HTTP {last.status}"
+            self.on_retry(reason, seconds, len(self.history))
+        self.stop.wait(seconds)
+
+
 class Publisher:
     """Send batches to an aggregator, retrying what is safe to retry."""
 
-    def __init__(self, url: str, *, token: str | None = None, retries: int = 8,
-                 backoff: float = 0.5, timeout: tuple[float, float] = (5.0, 60.0),
-                 pool_size: int = 10):
+    def __init__(self, url: str, *, token: str | None = None, retries: int | None = 8,
+                 backoff: float = 0.5, max_backoff: float = MAX_BACKOFF,
+                 timeout: tuple[float, float] = (5.0, 60.0), pool_size: int = 10,
+                 on_retry: Callable[[str, float, int], None] | None = None):
+        """retries=None retries without end, until stop_retrying() is called; on_retry is
+        called (from the sending thread) before each wait for a retry."""
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        self._stop = threading.Event()
         # Every POST is safe to repeat: the aggregator deduplicates on (topic, event_id).
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
-                      backoff_factor=backoff, backoff_max=30, backoff_jitter=backoff,
-                      status_forcelist=RETRY_STATUSES, allowed_methods=None,
-                      respect_retry_after_header=True, raise_on_status=False)
+        retry = StoppableRetry(total=retries, connect=retries, read=retries, status=retries,
+                               other=retries, backoff_factor=backoff, backoff_max=max_backoff,
+                               backoff_jitter=backoff, status_forcelist=RETRY_STATUSES,
+                               allowed_methods=None, respect_retry_after_header=True,
+                               raise_on_status=False, stop=self._stop, on_retry=on_retry)
         adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def stop_retrying(self) -> None:
+        """Make every request under way give up at its next wait for a retry (or end that
+        wait at once): it then answers with its last status, or raises PublishError."""
+        self._stop.set()
 
     def wait_ready(self, seconds: float) -> None:
         """Wait until /health answers 200, or raise PublishError after the given seconds."""
@@ -99,8 +142,8 @@ class Publisher:
         self.session.close()
 
 
-def _reason(exc: requests.RequestException) -> str:
-    """Return the innermost cause of a requests error, in a few words."""
+def _reason(exc: BaseException) -> str:
+    """Return the innermost cause of a requests or urllib3 error, in a few words."""
     cause: BaseException = exc
     while cause.__context__ is not None and cause.__context__ is not cause:
         cause = cause.__context__

@@ -153,6 +153,8 @@ def test_nothing_listening_exits_1_with_one_line_within_the_wait(tmp_path):
 def test_bad_arguments_exit_2(tmp_path):
     assert run_publisher("--events", "-3").returncode == 2
     assert run_publisher("--batch-size", "0").returncode == 2
+    assert run_publisher("--retries", "forever").returncode == 2
+    assert run_publisher("--max-backoff", "-1").returncode == 2
     bad_env = run_publisher(PUBLISHER_CONCURRENCY="many")
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
@@ -268,6 +270,65 @@ def test_ctrl_c_stops_a_publisher_waiting_on_a_silent_stream_at_once(gunicorn, s
     summary = json.loads(out)
     assert (summary["acknowledged"], summary["interrupted"]) == (2, signum.name)
     assert requests.get(server.url + "/stats", timeout=5).json()["received"] == 2
+
+
+@pytest.mark.backends("sqlite")  # the publisher's retrying; the store plays no part
+def test_with_unlimited_retries_a_followed_stream_outlives_an_outage(gunicorn):
+    """tail -F | publisher --file - --retries unlimited: an aggregator away for longer than
+    8 retries take is waited for, saying so, and every line gets delivered."""
+    server = gunicorn()
+    publisher = start_publisher("--url", server.url, "--file", "-", "--linger", "0.1",
+                                "--retries", "unlimited", "--max-backoff", "1", "--json",
+                                stdin=subprocess.PIPE)
+    try:
+        feed(publisher, event("before"))
+        poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] == 1)
+        server.terminate()
+        feed(publisher, event("during"))
+        time.sleep(12)  # 8 retries, at most 1 s apart, are over in under 9 s
+        assert publisher.poll() is None
+        server.start()
+        feed(publisher, event("after"))
+        out, err = publisher.communicate(timeout=60)  # closes stdin: the end of the stream
+    finally:
+        publisher.kill()
+    assert publisher.returncode == 0, err
+    assert "publisher: retrying a batch in 1.0 s (retry 9): connection refused" in err
+    summary = json.loads(out)
+    assert (summary["acknowledged"], summary["unique"], summary["failed"]) == (3, 3, 0)
+    stats = requests.get(server.url + "/stats", timeout=5).json()
+    assert (stats["received"], stats["unique_processed"]) == (3, 3)
+
+
+@pytest.mark.backends("sqlite")
+def test_ctrl_c_ends_a_wait_between_retries_at_once_and_retries_no_more(gunicorn):
+    """With the aggregator away, Ctrl-C does not wait out the backoff (8 s and more by the
+    5th retry), nor retry again and again: the batch counts as failed, exit status 130."""
+    server = gunicorn()
+    publisher = start_publisher("--url", server.url, "--file", "-", "--linger", "0.1",
+                                "--retries", "unlimited", "--json", stdin=subprocess.PIPE)
+    try:
+        feed(publisher, event("before"))
+        poll_stats_while_running(publisher, server.url, lambda stats: stats["received"] == 1)
+        server.terminate()
+        feed(publisher, event("during"))
+        time.sleep(10)  # retries after 0, 1, 2 and 4 s (+ jitter), then a wait of 8 s or more
+        assert publisher.poll() is None
+        start = time.monotonic()
+        publisher.send_signal(signal.SIGINT)
+        publisher.wait(timeout=30)  # not communicate(): it would close stdin, an end
+        elapsed = time.monotonic() - start
+        out, err = publisher.stdout.read(), publisher.stderr.read()
+    finally:
+        publisher.kill()
+        publisher.stdin.close()
+    assert publisher.returncode == 130, err
+    assert elapsed < 3, err
+    assert "retry 4): connection refused" in err and "retry 6)" not in err
+    assert "publisher: error" not in err
+    summary = json.loads(out)
+    assert (summary["acknowledged"], summary["failed"], summary["interrupted"]) == (
+        1, 1, "SIGINT")
 
 
 def run_publisher_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
