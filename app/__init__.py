@@ -40,7 +40,8 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
     app.extensions["ingestor"] = Ingestor(store, queue_size=config.queue_size,
                                           writers=config.writers,
                                           commit_timeout=config.commit_timeout,
-                                          metrics=metrics, shared_dir=config.metrics_dir)
+                                          metrics=metrics, shared_dir=config.metrics_dir,
+                                          retention=config.retention)
     app.extensions["event_schema"] = make_event_schema(config.max_payload)
     app.extensions["openapi"] = build_spec(__version__, config.max_payload)
     app.extensions["started_at"] = time.time()

@@ -27,6 +27,7 @@ class Config:
     max_body: int = 16 * MIB
     max_payload: int = 64 * 1024
     max_db_mb: int | None = None
+    retention: float | None = None
     queue_size: int = 64
     writers: int = 1
     commit_timeout: float = 30.0
@@ -79,6 +80,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    match = _DURATION.fullmatch(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise ValueError("must be a duration such as 30d, 12h, 90m or 3600s")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
 def _token(text: str) -> str | None:
     if text and (text != text.strip() or any(ord(c) < 33 for c in text)):
         raise ValueError("must not contain spaces or control characters")
@@ -112,6 +124,7 @@ _VARIABLES = {
     "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
     "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
     "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
+    "AGGREGATOR_RETENTION": ("retention", _duration),
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),
     "AGGREGATOR_WRITERS": ("writers", _positive_int),
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),

@@ -15,6 +15,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 
+from .logs import utc_text
 from .metrics import Metrics
 from .store import Batch, More, Store, StoreError, nothing_more
 
@@ -29,6 +30,11 @@ SUPERVISE_SECONDS = 0.5
 # enough for a load balancer to see it, short enough that an idle server that has
 # recovered (space freed, lock released) is offered traffic again.
 FAILURE_MEMORY_SECONDS = 5.0
+# Retention: each writer deletes expired events in chunks of this many (one short
+# transaction each), looking every EXPIRE_EVERY_SECONDS (or a quarter of the retention, if
+# shorter), and again at once while it finds full chunks.
+EXPIRE_CHUNK = 5000
+EXPIRE_EVERY_SECONDS = 10.0
 
 
 def _name_os_thread(name: str) -> None:
@@ -142,8 +148,11 @@ class Ingestor:
     """Hand batches to writer threads and wait for their durable commit."""
 
     def __init__(self, store: Store, *, queue_size: int, writers: int, commit_timeout: float,
-                 metrics: Metrics | None = None, shared_dir: str | None = None):
+                 metrics: Metrics | None = None, shared_dir: str | None = None,
+                 retention: float | None = None):
+        """retention: delete events received longer ago than this many seconds."""
         self._store = store
+        self._retention = retention
         self._metrics = metrics
         self._health = CommitHealth(shared_dir)
         self._writer_error: str | None = None
@@ -244,8 +253,11 @@ class Ingestor:
             log.error("%s", self._writer_error)
             return
         self._writer_error = None
+        next_expiry = time.monotonic()
         try:
             while True:
+                if self._retention is not None and time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + self._expire(writer)
                 # Read the flag before polling: once it is set no batch can be queued,
                 # so an empty queue seen afterwards means the work is done.
                 stopping = self._stopping.is_set()
@@ -259,6 +271,19 @@ class Ingestor:
                 self._commit(writer, group, partial(self._drain, group))
         finally:
             writer.close()
+
+    def _expire(self, writer) -> float:
+        """Delete one chunk of the events past the retention; return the seconds until the
+        next look (none while chunks come back full)."""
+        before = utc_text(time.time() - self._retention)
+        try:
+            expired = writer.expire(before, EXPIRE_CHUNK)
+        except StoreError as exc:
+            log.error("expiring the events received before %s failed: %s", before, exc)
+            expired = 0
+        if expired:
+            log.info("expired %d events received before %s", expired, before)
+        return 0.0 if expired == EXPIRE_CHUNK else min(EXPIRE_EVERY_SECONDS, self._retention / 4)
 
     def _drain(self, group: list[_Item]) -> list[Batch]:
         """Move queued items into the group, up to MAX_COMMIT_EVENTS; return their batches.

@@ -30,7 +30,8 @@ class DatabaseCollector:
                 ("received", counters.received, "Valid events received (stored or duplicate)."),
                 ("stored", counters.unique_processed, "Events stored for the first time."),
                 ("duplicate", counters.duplicate_dropped, "Events dropped as duplicates."),
-                ("rejected", counters.rejected, "Events refused by validation.")):
+                ("rejected", counters.rejected, "Events refused by validation."),
+                ("expired", counters.expired, "Events deleted by retention.")):
             yield CounterMetricFamily(f"aggregator_events_{name}", text, value=value)
         topics = CounterMetricFamily("aggregator_topic_events_stored",
                                      "Events stored, by topic.", labels=["topic"])

@@ -214,7 +214,11 @@ class StatsSchema(Schema):
     unique_processed = fields.Integer(required=True)
     duplicate_dropped = fields.Integer(required=True)
     rejected = fields.Integer(required=True)
-    topics = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    expired = fields.Integer(required=True, metadata={
+        "description": "events deleted by retention (AGGREGATOR_RETENTION); "
+                       "unique_processed == events stored + expired"})
+    topics = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
+                         metadata={"description": "events stored for the first time, by topic"})
     uptime = fields.Float(required=True, metadata={"description": "seconds"})
     started_at = fields.String(required=True, metadata={"format": "date-time"})
     queue_depth = fields.Integer(required=True, metadata={"description": "this worker's"})

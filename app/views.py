@@ -123,7 +123,7 @@ def stats() -> Response:
     return jsonify({
         "received": counters.received, "unique_processed": counters.unique_processed,
         "duplicate_dropped": counters.duplicate_dropped, "rejected": counters.rejected,
-        "topics": counters.topics,
+        "expired": counters.expired, "topics": counters.topics,
         "uptime": round(time.time() - started, 3),
         "started_at": utc_text(started, "seconds"),
         "queue_depth": _ingestor().depth,

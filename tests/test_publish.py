@@ -312,4 +312,4 @@ def test_a_batch_of_any_size_is_stored_in_order_once_with_exact_counts(client, d
     assert db_counters(db) == {"received": len(ids + repeats + mixed),
                                "unique_processed": size + len(new),
                                "duplicate_dropped": len(repeats) + len(mixed) - len(new),
-                               "rejected": 0}
+                               "rejected": 0, "expired": 0}

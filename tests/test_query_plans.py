@@ -185,3 +185,37 @@ def test_sparse_ranges_page_through_the_bucket_map(stream, filters, limit, desce
     query = EventQuery(**filters, limit=limit, descending=descending)
     expected = reference(rows, query)
     assert read_all(store, query) == expected
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_store(request, tmp_path_factory):
+    store, _, _ = open_store(request, tmp_path_factory, "expiry")
+    yield store
+    store.close()
+
+
+def test_expiry_deletes_the_oldest_in_chunks_and_every_plan_reads_what_is_left(empty_store):
+    """Writer.expire looks at the oldest events only, deletes those received before the
+    time given (not one received later, even among them), and the pages, by every plan,
+    are exactly the events left."""
+    rng = random.Random(3)
+    rows = [(f"t{i % 3}", f"x{i}", ts, f"text-{ts}", f"s{i % 5}", "{}", f"r{i:05}")
+            for i in range(6000)
+            for ts in [rng.randrange(-6000, i) * 10**6 if i % 20 == 0 else i * 10**6]]
+    rows[5] = rows[5][:6] + ("r05999",)  # received late: stored early, expires late
+    writer = empty_store.writer()
+    for start in range(0, len(rows), 500):
+        writer.write([Batch(rows[start:start + 500])])
+    assert [writer.expire("r01000", 400) for _ in range(4)] == [399, 399, 201, 0]
+    left = [rows[5]] + rows[1000:]
+    for filters in ({}, {"topic": "t1"}, {"source": "s3"}, {"until": 0},
+                    {"since": 1500 * 10**6, "until": 1600 * 10**6},
+                    {"since": -3000 * 10**6, "until": 500 * 10**6, "topic": "t0"}):
+        for descending in (False, True):
+            query = EventQuery(**filters, limit=97, descending=descending)
+            assert read_all(empty_store, query) == reference(left, query), filters
+    assert writer.expire("r99999", 10**6) == len(left) - 1  # all but the newest
+    writer.close()
+    counters = empty_store.counters()
+    assert (counters.unique_processed, counters.expired) == (6000, 5999)
+    assert read_all(empty_store, EventQuery(limit=10)) == ["x5999"]

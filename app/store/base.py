@@ -60,6 +60,10 @@ class Counters:
     duplicate_dropped: int
     rejected: int
     topics: dict[str, int]
+    # Events deleted by retention (AGGREGATOR_RETENTION): unique_processed == events stored
+    # + expired. Like unique_processed, topic counts are totals (Prometheus counters): they
+    # do not fall when events expire.
+    expired: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,16 @@ class Writer:
         take turns commit larger groups, fewer times. Counters are updated in the same
         transaction. Raises StoreError (and stores nothing) when the transaction cannot
         commit.
+        """
+        raise NotImplementedError
+
+    def expire(self, received_before: str, limit: int) -> int:
+        """Delete up to limit of the oldest events received before received_before (text
+        as received_at is stored), in one transaction under the write lock; return how many.
+
+        Only the oldest limit events are looked at, so a call is short. The newest event is
+        never deleted: its seq is where the next events' seq continue from. The events
+        deleted are counted in expired in the same transaction.
         """
         raise NotImplementedError
 

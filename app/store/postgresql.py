@@ -68,6 +68,11 @@ _WIDEN_BLOCKS = (
     " DO UPDATE SET min_ts = least(event_blocks.min_ts, excluded.min_ts),"
     " max_ts = greatest(event_blocks.max_ts, excluded.max_ts)"
 )
+# Retention: the oldest events, never the newest (as with SQLite, whose rowid needs it).
+_EXPIRE = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
+    " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT %s) AND received_at < %s"
+)
 _MAP_BUCKETS = (
     "INSERT INTO event_buckets (bucket, sub) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
     " ON CONFLICT DO NOTHING"
@@ -109,6 +114,15 @@ class PostgresWriter(Writer):
 
     def write(self, batches: list[Batch], more: More = nothing_more) -> list[int]:
         """Commit every batch, then more()'s, in one transaction (see Writer.write)."""
+        return self._locked(lambda cur: self._write_locked(cur, batches + more()))
+
+    def expire(self, received_before: str, limit: int) -> int:
+        """Delete up to limit of the oldest events received before then (see Writer.expire)."""
+        return self._locked(lambda cur: self._expire_locked(cur, received_before, limit))
+
+    def _locked(self, work):
+        """Return work(cursor) run in one transaction under the writers' advisory lock,
+        timing the wait and hold."""
         try:
             with translated_errors():
                 if self._conn is None or self._conn.closed:
@@ -121,7 +135,7 @@ class PostgresWriter(Writer):
                         cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                         locked_at = time.perf_counter()
                         self.lock_wait_s = locked_at - asked
-                        return self._write_locked(cur, batches + more())
+                        return work(cur)
                 finally:
                     # The lock is the transaction's: held until it commits or rolls back.
                     if locked_at is not None:
@@ -130,6 +144,13 @@ class PostgresWriter(Writer):
             # The connection may be broken; the next write opens a new one.
             self.close()
             raise
+
+    @staticmethod
+    def _expire_locked(cur: psycopg.Cursor, received_before: str, limit: int) -> int:
+        expired = cur.execute(_EXPIRE, (limit, received_before)).rowcount
+        if expired:
+            cur.execute(_ADD_COUNTERS, (["expired"], [expired]))
+        return expired
 
     def _write_locked(self, cur: psycopg.Cursor, batches: list[Batch]) -> list[int]:
         stored, new = [], []
@@ -202,7 +223,8 @@ class PostgresStore(Store):
                 " (SELECT coalesce(json_object_agg(topic, count ORDER BY topic), '{}')"
                 " FROM topic_counts)").fetchone()
         return Counters(values["received"], values["unique_processed"],
-                        values["duplicate_dropped"], values["rejected"], topics)
+                        values["duplicate_dropped"], values["rejected"], topics,
+                        values["expired"])
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
         """Return up to query.limit events after the cursor (see sql.read_page)."""

@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS counters (
     value BIGINT NOT NULL
 );
 INSERT INTO counters (name, value) VALUES
-    ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0)
+    ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0),
+    ('expired', 0)
     ON CONFLICT (name) DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS topic_counts (

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES
-    ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0);
+    ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0),
+    ('expired', 0);
 
 CREATE TABLE IF NOT EXISTS topic_counts (
     topic TEXT PRIMARY KEY,

@@ -63,6 +63,11 @@ _WIDEN_BLOCK = (
     "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
     " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
 )
+# Retention: the oldest events (but never the newest: SQLite would hand its seq out again).
+_EXPIRE = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
+    " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT ?) AND received_at < ?"
+)
 _MAP_BUCKETS = (
     f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
     f" seq >> {SUB_BITS} FROM events WHERE seq > ?"
@@ -135,21 +140,46 @@ class SQLiteWriter(Writer):
 
     def write(self, batches: list[Batch], more: More = nothing_more) -> list[int]:
         """Commit every batch, then more()'s, in one transaction (see Writer.write)."""
+        return self._locked(lambda: self._write_locked(batches + more()))
+
+    def expire(self, received_before: str, limit: int) -> int:
+        """Delete up to limit of the oldest events received before then (see Writer.expire)."""
+        return self._locked(lambda: self._expire_locked(received_before, limit))
+
+    def _locked(self, work):
+        """Return work() run under the cross-process write lock, timing the wait and hold."""
         asked = time.perf_counter()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         got = time.perf_counter()
         try:
-            batches = batches + more()
             with translated_errors():
-                return self._write_locked(batches)
+                return work()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self.lock_wait_s, self.lock_held_s = got - asked, time.perf_counter() - got
 
-    def _write_locked(self, batches: list[Batch]) -> list[int]:
+    @contextmanager
+    def _transaction(self):
+        """Yield a cursor in a write transaction: committed at the end, else rolled back."""
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _expire_locked(self, received_before: str, limit: int) -> int:
+        with self._transaction() as cur:
+            expired = cur.execute(_EXPIRE, (limit, received_before)).rowcount
+            if expired:
+                cur.execute(_ADD_COUNTER, (expired, "expired"))
+        return expired
+
+    def _write_locked(self, batches: list[Batch]) -> list[int]:
+        with self._transaction() as cur:
             # Under the write lock, every row with a higher seq is one this transaction adds.
             (last_seq,) = cur.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
             stored = [self._insert(cur, batch.rows) for batch in batches]
@@ -172,11 +202,6 @@ class SQLiteWriter(Writer):
                          for topic in topics]
                 cur.executemany(_ADD_TOPICS, [item for item in added if item[1]])
                 cur.execute(_MAP_BUCKETS, (last_seq,))
-            cur.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
         return stored
 
     def _insert(self, cur: sqlite3.Cursor, rows: list[Row]) -> int:
@@ -252,7 +277,8 @@ class SQLiteStore(Store):
             finally:
                 conn.execute("COMMIT")
         return Counters(values["received"], values["unique_processed"],
-                        values["duplicate_dropped"], values["rejected"], topics)
+                        values["duplicate_dropped"], values["rejected"], topics,
+                        values["expired"])
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
         """Return up to query.limit events after the cursor (see sql.read_page)."""
