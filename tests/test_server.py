@@ -313,6 +313,8 @@ def test_events_received_longer_ago_than_the_retention_expire(gunicorn, db):
     assert_counters_match_the_table(db)
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     assert "aggregator_events_expired_total 3.0" in metrics
+    html = requests.get(server.url + "/events", headers={"Accept": "text/html"}, timeout=10).text
+    assert "<dt>Expired</dt><dd>3</dd>" in html
 
 
 def test_retention_never_deletes_the_newest_event_so_seq_goes_on(gunicorn, db):
