@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import platform
 import time
@@ -42,6 +44,23 @@ class DatabaseCollector:
                                  labels=["version", "python"])
         info.add_metric([self.version, platform.python_version()], 1)
         yield info
+
+
+class SettledFilesCollector(MultiProcessCollector):
+    """prometheus-client's MultiProcessCollector, skipping the sample files still empty.
+
+    A process creates its file empty, then sizes it (MmapedDict). Reading it in between
+    fails (struct.error), which made a scrape a 500 while a worker was starting. An empty
+    file holds no sample yet, so skipping it loses nothing.
+    """
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's, just removed
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+        return self.merge(files, accumulate=True)
 
 
 class Metrics:
@@ -99,7 +118,7 @@ class Metrics:
         if self._registry is not None:
             return generate_latest(self._registry)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self._multiprocess_dir)
+        SettledFilesCollector(registry, path=self._multiprocess_dir)
         registry.register(self._database)
         return generate_latest(registry)
 

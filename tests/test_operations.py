@@ -210,3 +210,18 @@ def test_a_script_that_builds_an_app_exits_without_calling_shutdown(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=30,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.backends("sqlite")  # the metrics files; the store plays no part
+def test_a_scrape_while_a_worker_is_creating_its_sample_files_is_whole(gunicorn, tmp_path):
+    """prometheus-client creates a worker's sample file empty, then sizes it: a scrape in
+    between (a worker starting, or restarted) read the empty file and answered 500."""
+    shared = tmp_path / "metrics"
+    server = gunicorn(env={"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    batch = [event(f"s{n}") for n in range(5)]
+    assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+    before = scrape(server.url)
+    (shared / "histogram_4242424.db").touch()  # as a starting worker leaves it for a moment
+    after = scrape(server.url)
+    assert after["aggregator_events_stored_total{}"] == 5
+    assert after["aggregator_commit_events_sum{}"] == before["aggregator_commit_events_sum{}"]
