@@ -47,6 +47,18 @@ def query(db: Path | str, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    """Return predicate()'s first true value, polling every interval seconds; fail with
+    `what` once timeout seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def table_keys(db: Path | str) -> list[tuple[str, str]]:
     """Return every stored (topic, event_id) in ingestion order, read straight from the database."""
     return query(db, "SELECT topic, event_id FROM events ORDER BY seq")

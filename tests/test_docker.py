@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, wait_for
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
@@ -153,16 +152,6 @@ def inspect_container(compose, service: str) -> dict:
 
 def container_state(compose, service: str) -> dict:
     return inspect_container(compose, service).get("State", {})
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stats(url: str) -> dict:

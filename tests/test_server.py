@@ -28,6 +28,7 @@ from tests.helpers import (
     publish_overlapping,
     query,
     table_keys,
+    wait_for,
 )
 from tests.postgres import PostgresServer, pg_bin
 
@@ -284,11 +285,8 @@ def test_commit_that_takes_too_long_is_503_and_a_retry_is_safe(gunicorn, db_path
 
 def poll_stats(url: str, until, seconds: float = 15) -> dict:
     """Poll /stats until until(stats) holds, within the seconds given; return the stats."""
-    deadline = time.monotonic() + seconds
-    while not until(current := stats(url)):
-        assert time.monotonic() < deadline, current
-        time.sleep(0.1)
-    return current
+    return wait_for(lambda: until(current := stats(url)) and current, seconds,
+                    "/stats to match", interval=0.1)
 
 
 def test_events_received_longer_ago_than_the_retention_expire(gunicorn, db):
