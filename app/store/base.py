@@ -63,7 +63,7 @@ class Counters:
     # Events deleted by retention (AGGREGATOR_RETENTION): unique_processed == events stored
     # + expired. Like unique_processed, topic counts are totals (Prometheus counters): they
     # do not fall when events expire.
-    expired: int = 0
+    expired: int
 
 
 @dataclass(frozen=True)
