@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
                   404: "no /publish here: check --url"}
 SHOWN_REJECTS = 5
 LOG_EVERY_SECONDS = 5.0
+DEFAULT_WAIT = 30.0
 
 
 def _positive(text: str) -> int:
@@ -44,6 +46,12 @@ def _retries(text: str) -> int | None:
     if text.strip().lower() == "unlimited":
         return None
     return _non_negative(text)
+
+
+def _wait(text: str) -> float:
+    if text.strip().lower() == "unlimited":
+        return math.inf
+    return _seconds(text)
 
 
 def _rate(text: str) -> float:
@@ -71,6 +79,7 @@ def _topics(text: str) -> list[str]:
 _positive.__name__ = "positive integer"
 _non_negative.__name__ = "non-negative integer"
 _retries.__name__ = "retry count (or unlimited)"
+_wait.__name__ = "seconds (or unlimited)"
 _rate.__name__ = "rate (0 to 10)"
 _seconds.__name__ = "seconds"
 _topics.__name__ = "topic list"
@@ -88,7 +97,9 @@ OPTIONS = {
     "--seed": ("PUBLISHER_SEED", None, _non_negative,
                "seed for ids and order (default: random, printed)"),
     "--token": ("PUBLISHER_TOKEN", None, str, "bearer token for /publish"),
-    "--wait": ("PUBLISHER_WAIT", "30", _seconds, "seconds to wait for /health first"),
+    "--wait": ("PUBLISHER_WAIT", None, _wait,
+               "seconds to wait for /health first, or 'unlimited' (default: 30; "
+               "unlimited with --retries unlimited)"),
     "--retries": ("PUBLISHER_RETRIES", "8", _retries,
                   "retries per batch on connection errors, 429 and 502/503/504 "
                   "('unlimited': until it is delivered, or Ctrl-C)"),
@@ -110,8 +121,9 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
         description="Send events to the log aggregator and print a summary. Exit status: "
                     "0 every event acknowledged, 1 failure, 2 bad arguments.")
     for option, (variable, default, kind, text) in OPTIONS.items():
+        shown = "" if default is None else f"; default {default}"
         parser.add_argument(option, default=environ.get(variable, default), type=kind,
-                            help=f"{text} [env {variable}; default {default}]")
+                            help=f"{text} [env {variable}{shown}]")
     parser.add_argument("--json", action="store_true",
                         default=environ.get("PUBLISHER_JSON", "") not in ("", "0", "false"),
                         help="print the summary as JSON [env PUBLISHER_JSON]")
@@ -120,6 +132,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
         parser.error("--rejects goes with --file")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
+    if args.wait is None:  # retrying until delivered, so also until the aggregator is up
+        args.wait = math.inf if args.retries is None else DEFAULT_WAIT
     return args
 
 
@@ -174,8 +188,7 @@ class Sender:
         committed. A batch waiting to be retried is not retried again (it would be, with
         --retries unlimited, for as long as the aggregator is away): it counts as failed.
         """
-        with (_stop_sending_on_signals(self.summary, self.publisher.stop_retrying),
-              ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool):
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool:
             pending: set[Future] = set()
             for batch in batches:
                 if self.stopped():
@@ -273,8 +286,8 @@ def _stop_sending_on_signals(summary: Summary, stop_retrying) -> Iterator[None]:
             os._exit(128 + signum)
         summary.interrupted = signal.Signals(signum).name
         stop_retrying()
-        print(f"publisher: {summary.interrupted}: waiting for the answers to the batches in "
-              "flight", file=sys.stderr, flush=True)
+        print(f"publisher: {summary.interrupted}: sending nothing more; waiting for the "
+              "answers to the batches in flight", file=sys.stderr, flush=True)
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for signum, handler in previous.items():
@@ -286,6 +299,12 @@ def _stop_sending_on_signals(summary: Summary, stop_retrying) -> Iterator[None]:
         for signum, handler in previous.items():
             if handler is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signum, handler)
+
+
+def _say_waiting(reason: str, waited: float) -> None:
+    """Tell, on stderr, that the aggregator is not ready yet and why."""
+    print(f"publisher: waited {waited:.0f} s for /health so far: {reason}", file=sys.stderr,
+          flush=True)
 
 
 def _say_retrying(reason: str, seconds: float, attempt: int) -> None:
@@ -322,7 +341,9 @@ def publish(args: argparse.Namespace) -> Summary:
     summary = Summary(url=args.url, seed=None if args.file else args.seed)
     with ExitStack() as stack:
         stack.callback(publisher.close)
-        publisher.wait_ready(args.wait)
+        stack.enter_context(_stop_sending_on_signals(summary, publisher.stop_retrying))
+        if not publisher.wait_ready(args.wait, on_wait=_say_waiting):
+            return summary  # Ctrl-C or SIGTERM before the aggregator was up: nothing sent
         order = None if args.file else send_order(args.events, args.duplicate_rate, args.seed)
         rejects = (stack.enter_context(open(args.rejects, "w", encoding="utf-8"))
                    if args.rejects else None)

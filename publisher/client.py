@@ -13,6 +13,7 @@ from urllib3.util.retry import Retry
 
 RETRY_STATUSES = (429, 502, 503, 504)
 MAX_BACKOFF = 30.0
+WAIT_NOTICE_SECONDS = 10.0
 
 
 class PublishError(Exception):
@@ -97,21 +98,32 @@ class Publisher:
         wait at once): it then answers with its last status, or raises PublishError."""
         self._stop.set()
 
-    def wait_ready(self, seconds: float) -> None:
-        """Wait until /health answers 200, or raise PublishError after the given seconds."""
-        deadline = time.monotonic() + seconds
+    def wait_ready(self, seconds: float,
+                   on_wait: Callable[[str, float], None] | None = None) -> bool:
+        """Wait until /health answers 200 and return True, or return False as soon as
+        stop_retrying() is called; raise PublishError after the given seconds (math.inf:
+        no end). While it waits, on_wait(reason, seconds waited so far) is called every
+        WAIT_NOTICE_SECONDS."""
+        start = time.monotonic()
+        deadline = start + seconds
+        notice = start + WAIT_NOTICE_SECONDS
         last = "no answer"
-        while True:
+        while not self._stop.is_set():
             try:
                 response = requests.get(self.url + "/health", timeout=(2, 5))
                 if response.status_code == 200:
-                    return
+                    return True
                 last = f"/health answered {response.status_code}"
             except requests.RequestException as exc:
                 last = _reason(exc)
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise PublishError(f"{self.url} was not ready within {seconds:g}s ({last})")
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if on_wait is not None and now >= notice:
+                notice += WAIT_NOTICE_SECONDS
+                on_wait(last, now - start)
+            self._stop.wait(min(0.5, deadline - now))
+        return False
 
     def publish(self, body: bytes, content_type: str = "application/json") -> BatchResult:
         """POST one batch body; return the answer, or raise PublishError if unreachable."""

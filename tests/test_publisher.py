@@ -79,12 +79,19 @@ def test_same_seed_again_is_all_duplicates(gunicorn):
     assert (again["unique"], again["duplicates"]) == (0, 1500)
 
 
-def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
+@pytest.mark.backends("sqlite")  # the publisher's waiting; the store plays no part
+@pytest.mark.parametrize("options, late, notices", [
+    (("--wait", "60"), 2, 0),
+    # No --wait: unlimited, not the default 30 s; it says so every 10 s.
+    (("--retries", "unlimited"), 33, 3),
+], ids=["wait-60", "retries-unlimited"])
+def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db, options, late,
+                                                                notices):
     server = GunicornServer(db, tmp_path / "late.log")
     publisher = start_publisher("--url", server.url, "--events", "300", "--duplicate-rate",
-                                "0.1", "--wait", "60", "--json")
+                                "0.1", *options, "--json")
     try:
-        time.sleep(2)
+        time.sleep(late)
         assert publisher.poll() is None
         server.start()
         out, err = publisher.communicate(timeout=60)
@@ -92,6 +99,7 @@ def test_publisher_started_before_the_server_waits_and_succeeds(tmp_path, db):
         publisher.kill()
         server.kill()
     assert publisher.returncode == 0, err
+    assert err.count(" s for /health so far: connection refused") == notices, err
     assert json.loads(out)["unique"] == 300
 
 
@@ -139,6 +147,27 @@ def test_a_second_ctrl_c_exits_at_once_while_answers_are_pending(gunicorn, db):
     assert out == "" and "stopped without waiting" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_wait_for_the_aggregator_at_once(signum):
+    """docker stop of a publisher still waiting for the aggregator (as PID 1, which the
+    kernel does not kill for a signal it has no handler for) ends it at once, summed up."""
+    publisher = start_publisher("--url", f"http://127.0.0.1:{free_port()}", "--wait",
+                                "unlimited", "--json")
+    try:
+        time.sleep(2)
+        assert publisher.poll() is None
+        start = time.monotonic()
+        publisher.send_signal(signum)
+        out, err = publisher.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        publisher.kill()
+    assert publisher.returncode == 128 + signum, err
+    assert elapsed < 2, err
+    summary = json.loads(out)
+    assert (summary["sent"], summary["interrupted"]) == (0, signum.name)
+
+
 def test_nothing_listening_exits_1_with_one_line_within_the_wait(tmp_path):
     start = time.monotonic()
     result = run_publisher("--url", f"http://127.0.0.1:{free_port()}", "--wait", "2",
@@ -155,6 +184,7 @@ def test_bad_arguments_exit_2(tmp_path):
     assert run_publisher("--batch-size", "0").returncode == 2
     assert run_publisher("--retries", "forever").returncode == 2
     assert run_publisher("--max-backoff", "-1").returncode == 2
+    assert run_publisher("--wait", "forever").returncode == 2
     bad_env = run_publisher(PUBLISHER_CONCURRENCY="many")
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
