@@ -26,6 +26,7 @@ class Config:
     max_batch: int = 10_000
     max_body: int = 16 * MIB
     max_payload: int = 64 * 1024
+    max_page_bytes: int = 4 * MIB
     max_db_mb: int | None = None
     retention: float | None = None
     queue_size: int = 64
@@ -123,6 +124,7 @@ _VARIABLES = {
     "AGGREGATOR_MAX_BATCH": ("max_batch", _positive_int),
     "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
     "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
+    "AGGREGATOR_MAX_PAGE_BYTES": ("max_page_bytes", _positive_int),
     "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
     "AGGREGATOR_RETENTION": ("retention", _duration),
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),

@@ -16,6 +16,9 @@ PAGE_PARAMS = ("topic", "source", "since", "until", "limit", "after", "live")
 TOPICS_SHOWN = 50
 _LONG_PAYLOAD_CHARS = 300
 _LONG_PAYLOAD_LINES = 12
+# The page shows at most this much of a payload; the JSON API returns it whole.
+SHOWN_PAYLOAD_CHARS = 16 * 1024
+_INDENTED = json.JSONEncoder(indent=2, ensure_ascii=False)
 CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
        "object-src 'none'")
 
@@ -32,13 +35,28 @@ def page_params(args: Mapping[str, str]) -> dict[str, str]:
 
 
 def _row(event: StoredEvent) -> dict:
-    payload = json.loads(event.payload)
-    pretty = json.dumps(payload, indent=2, ensure_ascii=False)
-    long = len(pretty) > _LONG_PAYLOAD_CHARS or pretty.count("\n") > _LONG_PAYLOAD_LINES
-    compact = json.dumps(payload, ensure_ascii=False)
+    pretty, cut = _pretty(event.payload)
+    long = cut or len(pretty) > _LONG_PAYLOAD_CHARS or pretty.count("\n") > _LONG_PAYLOAD_LINES
+    compact = event.payload  # as stored
     return {"timestamp": event.timestamp, "topic": event.topic, "event_id": event.event_id,
             "source": event.source, "received_at": event.received_at, "pretty": pretty,
-            "long": long, "summary": compact[:80] + ("…" if len(compact) > 80 else "")}
+            "cut": cut, "size": len(compact), "long": long,
+            "summary": compact[:80] + ("…" if len(compact) > 80 else "")}
+
+
+def _pretty(payload: str) -> tuple[str, bool]:
+    """Return the stored payload (compact JSON) indented, and whether it was cut: to at
+    most SHOWN_PAYLOAD_CHARS, for indenting can make a small payload huge (two spaces a
+    level on every line: 2 KB nested 990 deep is 2 MB indented)."""
+    if len(payload) > SHOWN_PAYLOAD_CHARS:
+        return payload[:SHOWN_PAYLOAD_CHARS], True
+    shown, size = [], 0
+    for chunk in _INDENTED.iterencode(json.loads(payload)):
+        shown.append(chunk)
+        size += len(chunk)
+        if size > SHOWN_PAYLOAD_CHARS:
+            return "".join(shown)[:SHOWN_PAYLOAD_CHARS], True
+    return "".join(shown), False
 
 
 def render_events_page(counters: Counters, params: dict[str, str], *,

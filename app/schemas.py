@@ -270,7 +270,9 @@ class EventsQuerySchema(Schema):
     source = fields.String(validate=validate.Length(1, NAME_MAX))
     since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, inclusive"})
     until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, exclusive"})
-    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000), metadata={
+        "description": "most events in the page; a page of large payloads ends sooner, "
+                       "past AGGREGATOR_MAX_PAGE_BYTES (4 MiB) of them, with a next_cursor"})
     after = Cursor(metadata={"description": "next_cursor of the previous page"})
     order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from json.encoder import encode_basestring as _quote
 
 from flask import (
     Blueprint,
@@ -83,12 +84,15 @@ def events() -> Response:
         raise APIError(400, "bad_query", f"Invalid query parameter(s): {names}.",
                        errors=exc.messages) from None
     page, next_cursor = _fetch_page(args)
-    return jsonify({
-        "events": [{"topic": e.topic, "event_id": e.event_id, "timestamp": e.timestamp,
-                    "source": e.source, "payload": json.loads(e.payload),
-                    "received_at": e.received_at} for e in page],
-        "next_cursor": next_cursor,
-    })
+    # Each payload goes out as it is stored: the compact JSON that ingest encoded (and
+    # checked). Parsing it to encode it again cost time and, for a page of large or
+    # deeply nested payloads, memory many times the page's size.
+    events = ", ".join(
+        f'{{"topic": {_quote(e.topic)}, "event_id": {_quote(e.event_id)}, '
+        f'"timestamp": {_quote(e.timestamp)}, "source": {_quote(e.source)}, '
+        f'"payload": {e.payload}, "received_at": {_quote(e.received_at)}}}' for e in page)
+    body = f'{{"events": [{events}], "next_cursor": {json.dumps(next_cursor)}}}\n'
+    return current_app.response_class(body, mimetype="application/json")
 
 
 def _events_page() -> Response:
@@ -104,14 +108,20 @@ def _events_page() -> Response:
 
 
 def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
-    """Return one page of events for loaded query arguments, and the next page's cursor."""
-    limit = args["limit"]
+    """Return one page of events for loaded query arguments, and the next page's cursor.
+
+    A page holds up to limit events, and fewer when their payloads are over
+    AGGREGATOR_MAX_PAGE_BYTES (but at least one): the store reads one event past the
+    page, by count or by size, which says that another page follows."""
+    limit, max_bytes = args["limit"], _config().max_page_bytes
     rows = _store().events(EventQuery(
         topic=args.get("topic"), source=args.get("source"), since=args.get("since"),
         until=args.get("until"), after=args.get("after"), limit=limit + 1,
-        descending=args["order"] == "desc"))
-    page = rows[:limit]
-    return page, encode_cursor(page[-1].seq) if len(rows) > limit else None
+        descending=args["order"] == "desc", max_bytes=max_bytes))
+    more = len(rows) > limit or (
+        len(rows) > 1 and sum(len(event.payload) for event in rows) > max_bytes)
+    page = rows[:-1] if more else rows
+    return page, encode_cursor(page[-1].seq) if more else None
 
 
 @bp.get("/stats")

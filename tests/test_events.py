@@ -113,6 +113,43 @@ def test_event_fields_are_returned(client, filled):
     assert first["received_at"].endswith("Z")
 
 
+# Payload sizes (JSON characters: 8 + the string's length) against a budget of 10,000.
+LARGE = [3000, 3000, 3000, 3000, 25000, 100, 100, 25000, 25000, 100]
+LARGE_PAGES = {"asc": [[0, 1, 2], [3], [4], [5, 6], [7], [8], [9]],
+               "desc": [[9], [8], [7], [6, 5], [4], [3, 2, 1], [0]]}
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("filters", [{}, {"topic": "big"}, {"since": "2025-10-18T00:00:00Z"}],
+                         ids=["all", "topic", "since"])
+def test_a_page_of_large_payloads_ends_at_the_page_budget_and_paging_gets_them_all(
+        make_app, order, filters):
+    """Past AGGREGATOR_MAX_PAGE_BYTES of payloads a page ends early (but holds at least one
+    event) with a cursor, through every plan that reads a page; paging returns each event
+    once, payloads whole."""
+    client = make_app(max_page_bytes=10_000).test_client()
+    payloads = [{"x": "y" * size} for size in LARGE]
+    batch = [event(f"big-{i}", topic="big", payload=payload) for i, payload in enumerate(payloads)]
+    assert client.post("/publish", json=batch).status_code == 200
+    pages, cursor = [], None
+    while True:
+        answer = client.get("/events", query_string={
+            **filters, "order": order, "limit": 1000, **({"after": cursor} if cursor else {})})
+        assert answer.status_code == 200, answer.json
+        pages.append([int(e["event_id"][4:]) for e in answer.json["events"]])
+        for got in answer.json["events"]:
+            assert got["payload"] == payloads[int(got["event_id"][4:])]
+        cursor = answer.json["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == LARGE_PAGES[order]
+    # Whichever comes first, the count or the budget, ends the page.
+    first = client.get("/events", query_string={**filters, "order": order, "limit": 2}).json
+    assert [int(e["event_id"][4:]) for e in first["events"]] == {"asc": [0, 1],
+                                                                 "desc": [9]}[order]
+    assert first["next_cursor"] is not None
+
+
 def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunicorn, db):
     server = gunicorn(workers=1)
     sent = []

@@ -68,7 +68,14 @@ class Counters:
 
 @dataclass(frozen=True)
 class EventQuery:
-    """Filters and keyset position for a page of events."""
+    """Filters and keyset position for a page of events.
+
+    A page ends after limit events. With max_bytes, it also ends at the first event, from
+    the second on, that takes the payloads read (in characters) over max_bytes. A reader
+    that asks for one event more than it shows can tell from that last event that more
+    follow, whichever rule ended the page; and a page holds about max_bytes of payloads,
+    however large each is.
+    """
 
     topic: str | None = None
     source: str | None = None
@@ -77,6 +84,7 @@ class EventQuery:
     after: int | None = None
     limit: int = 100
     descending: bool = False
+    max_bytes: int | None = None
 
 
 class Writer:
@@ -129,7 +137,8 @@ class Store:
         raise NotImplementedError
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
-        """Return up to query.limit events in ingestion order after the cursor."""
+        """Return up to query.limit events in ingestion order after the cursor (fewer when
+        their payloads are over query.max_bytes)."""
         raise NotImplementedError
 
     def ping(self) -> None:

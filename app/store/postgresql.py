@@ -42,6 +42,8 @@ CONNECT_TIMEOUT_S = 5
 # replicas x workers x (READERS + writers) stays well under max_connections (100).
 READERS = 4
 POOL_TIMEOUT_S = 5.0
+# Rows a page's statement receives at a time (libpq's chunked rows mode).
+STREAM_ROWS = 100
 
 # One statement per batch: the rows go in as arrays, in the order sent; RETURNING names the
 # rows really stored (ON CONFLICT skips the others, in-batch repeats included).
@@ -230,8 +232,10 @@ class PostgresStore(Store):
         """Return up to query.limit events after the cursor (see sql.read_page)."""
         with translated_errors(), self._pool.connection() as conn:
             cur = conn.cursor()
-            return read_page(
-                lambda sql, params: cur.execute(sql.replace("?", "%s"), params).fetchall(), query)
+            # Rows come STREAM_ROWS at a time, not the whole result at once: a page that is
+            # full (max_bytes) cancels the rest of its statement.
+            return read_page(lambda sql, params: cur.stream(
+                sql.replace("?", "%s"), params, size=STREAM_ROWS), query)
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers a read."""

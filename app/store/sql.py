@@ -6,7 +6,8 @@ read a page with the same statements, written with ? placeholders.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import replace
 
 from .base import EventQuery, StoredEvent
@@ -31,8 +32,9 @@ SUMMARIES = {
                      f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
 }
 
-# Runs a statement (? placeholders) in the page's read snapshot and returns its rows.
-Run = Callable[[str, list], list[tuple]]
+# Runs a statement (? placeholders) in the page's read snapshot and returns its rows, as
+# they are read (a page stops reading once it is full, and then closes them).
+Run = Callable[[str, list], Iterable[tuple]]
 
 
 def build_missing_summaries(conn) -> None:
@@ -45,8 +47,41 @@ def build_missing_summaries(conn) -> None:
             conn.execute(build)
 
 
+class _Page:
+    """The events read so far, and whether the page is full (see EventQuery)."""
+
+    def __init__(self, query: EventQuery):
+        self.events: list[StoredEvent] = []
+        self.limit = query.limit
+        self.max_bytes = query.max_bytes
+        self.size = 0
+
+    @property
+    def room(self) -> int:
+        return self.limit - len(self.events)
+
+    @property
+    def full(self) -> bool:
+        return self.room == 0 or self._over_size()
+
+    def _over_size(self) -> bool:
+        return self.max_bytes is not None and self.size > self.max_bytes and len(self.events) > 1
+
+    def add(self, rows: Iterable[tuple]) -> None:
+        """Add rows until they end (the statement's LIMIT is the room left) or the page is
+        over max_bytes: then the rest are not read (closing the rows cancels them)."""
+        with closing(rows):
+            for row in rows:
+                event = StoredEvent(*row)
+                self.events.append(event)
+                self.size += len(event.payload)
+                if self._over_size():
+                    break
+
+
 def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
-    """Return up to query.limit events after the cursor, oldest or newest first.
+    """Return up to query.limit events after the cursor, oldest or newest first (fewer
+    when their payloads are over query.max_bytes).
 
     A page reads rows in sequence order from the cursor on: through the (topic, seq) or
     (source, seq) index for those filters, and for a time range only within the blocks of
@@ -54,14 +89,17 @@ def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
     page costs about its own size at any depth (see README, Performance, for the cases
     measured). Every statement must see one snapshot.
     """
+    page = _Page(query)
     if query.since is None and query.until is None:
-        return _select(run, query)
-    low = -_TS_INF if query.since is None else query.since
-    high = _TS_INF if query.until is None else query.until
-    return _by_range(run, query, low, high)
+        _select(run, query, page)
+    else:
+        low = -_TS_INF if query.since is None else query.since
+        high = _TS_INF if query.until is None else query.until
+        _by_range(run, query, page, low, high)
+    return page.events
 
 
-def _by_range(run: Run, query: EventQuery, low: int, high: int) -> list[StoredEvent]:
+def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> None:
     """Read the events of [low, high) in order: first the few blocks of event_blocks that
     overlap it, then, if the page is not full, the sub-blocks event_buckets names."""
     order, bound = ("DESC", "block <= ?") if query.descending else ("ASC", "block >= ?")
@@ -73,44 +111,40 @@ def _by_range(run: Run, query: EventQuery, low: int, high: int) -> list[StoredEv
     blocks = [block for (block,) in run(
         f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ? AND {bound}"
         f" ORDER BY block {order} LIMIT {BLOCK_BUDGET + 1}", params)]
-    found = _read_spans(run, query, blocks[:BLOCK_BUDGET], BLOCK_BITS)
-    if len(found) == query.limit or len(blocks) <= BLOCK_BUDGET:
-        return found
+    _read_spans(run, query, page, blocks[:BLOCK_BUDGET], BLOCK_BITS)
+    if page.full or len(blocks) <= BLOCK_BUDGET:
+        return
     # The range is sparse in the blocks it overlaps (late replays widen their bounds):
     # go on after the last block read, through the sub-blocks that hold its buckets.
     last = blocks[BLOCK_BUDGET - 1]
     after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
-    rest = replace(query, after=after, limit=query.limit - len(found))
     sub_bound = "sub <= ?" if query.descending else "sub >= ?"
-    while len(found) < query.limit:
-        first_sub = (rest.after - 1 if query.descending else rest.after + 1) >> SUB_BITS
-        want = max(64, 2 * rest.limit)
+    while not page.full:
+        rest = replace(query, after=after)
+        first_sub = (after - 1 if query.descending else after + 1) >> SUB_BITS
+        want = max(64, 2 * page.room)
         subs = [sub for (sub,) in run(
             f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
             f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
             [low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, want])]
-        found += _read_spans(run, rest, subs, SUB_BITS)
+        _read_spans(run, rest, page, subs, SUB_BITS)
         if len(subs) < want:
             break
         last = subs[-1]
         after = last << SUB_BITS if query.descending else ((last + 1) << SUB_BITS) - 1
-        rest = replace(rest, after=after, limit=query.limit - len(found))
-    return found
 
 
-def _read_spans(run: Run, query: EventQuery, spans: list[int], bits: int) -> list[StoredEvent]:
+def _read_spans(run: Run, query: EventQuery, page: _Page, spans: list[int],
+                bits: int) -> None:
     """Read the spans of 2**bits sequence numbers given, in order, until the page is full."""
-    found: list[StoredEvent] = []
     for start, end in _runs(spans, query.descending):
-        seqs = (start << bits, ((end + 1) << bits) - 1)
-        found += _select(run, query, seqs=seqs, limit=query.limit - len(found))
-        if len(found) == query.limit:
+        _select(run, query, page, seqs=(start << bits, ((end + 1) << bits) - 1))
+        if page.full:
             break
-    return found
 
 
-def _select(run: Run, query: EventQuery, *, seqs: tuple[int, int] | None = None,
-            limit: int | None = None) -> list[StoredEvent]:
+def _select(run: Run, query: EventQuery, page: _Page, *,
+            seqs: tuple[int, int] | None = None) -> None:
     where, params = [], []
     for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
                               ("ts", ">=", query.since), ("ts", "<", query.until),
@@ -125,8 +159,8 @@ def _select(run: Run, query: EventQuery, *, seqs: tuple[int, int] | None = None,
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT ?"
-    params.append(query.limit if limit is None else limit)
-    return [StoredEvent(*row) for row in run(sql, params)]
+    params.append(page.room)
+    page.add(run(sql, params))
 
 
 def _runs(blocks: list[int], descending: bool) -> Iterator[tuple[int, int]]:

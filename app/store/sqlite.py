@@ -287,7 +287,7 @@ class SQLiteStore(Store):
             # One snapshot for every statement of the page.
             conn.execute("BEGIN")
             try:
-                return read_page(lambda sql, params: conn.execute(sql, params).fetchall(), query)
+                return read_page(conn.execute, query)
             finally:
                 conn.execute("COMMIT")
 
