@@ -113,13 +113,14 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
     A page holds up to limit events, and fewer when their payloads are over
     AGGREGATOR_MAX_PAGE_BYTES (but at least one): the store reads one event past the
     page, by count or by size, which says that another page follows."""
-    limit, max_bytes = args["limit"], _config().max_page_bytes
-    rows = _store().events(EventQuery(
+    limit = args["limit"]
+    query = EventQuery(
         topic=args.get("topic"), source=args.get("source"), since=args.get("since"),
         until=args.get("until"), after=args.get("after"), limit=limit + 1,
-        descending=args["order"] == "desc", max_bytes=max_bytes))
-    more = len(rows) > limit or (
-        len(rows) > 1 and sum(len(event.payload) for event in rows) > max_bytes)
+        descending=args["order"] == "desc", max_bytes=_config().max_page_bytes)
+    rows = _store().events(query)
+    more = len(rows) > limit or query.over_size(
+        len(rows), sum(len(event.payload) for event in rows))
     page = rows[:-1] if more else rows
     return page, encode_cursor(page[-1].seq) if more else None
 

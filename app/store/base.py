@@ -86,6 +86,11 @@ class EventQuery:
     descending: bool = False
     max_bytes: int | None = None
 
+    def over_size(self, count: int, size: int) -> bool:
+        """Return whether count events whose payloads take size characters are over
+        max_bytes: the last of them is past the page (never the first)."""
+        return self.max_bytes is not None and count > 1 and size > self.max_bytes
+
 
 class Writer:
     """A write connection owned by one writer thread.

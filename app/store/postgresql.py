@@ -30,7 +30,7 @@ from .base import (
     Writer,
     nothing_more,
 )
-from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
+from .sql import BLOCK_BITS, BUCKET_BITS, EXPIRE, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,7 @@ _WIDEN_BLOCKS = (
     " DO UPDATE SET min_ts = least(event_blocks.min_ts, excluded.min_ts),"
     " max_ts = greatest(event_blocks.max_ts, excluded.max_ts)"
 )
-# Retention: the oldest events, never the newest (as with SQLite, whose rowid needs it).
-_EXPIRE = (
-    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
-    " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT %s) AND received_at < %s"
-)
+_EXPIRE = EXPIRE.replace("?", "%s")
 _MAP_BUCKETS = (
     "INSERT INTO event_buckets (bucket, sub) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
     " ON CONFLICT DO NOTHING"

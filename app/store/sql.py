@@ -1,4 +1,5 @@
-"""What the SQL backends share: the summaries' layout and the plan that reads a page.
+"""What the SQL backends share: the summaries' layout, the retention statement and the plan
+that reads a page.
 
 Both backends keep the same tables (see schema_sqlite.sql and schema_postgresql.sql) and
 read a page with the same statements, written with ? placeholders.
@@ -32,6 +33,13 @@ SUMMARIES = {
                      f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
 }
 
+# Retention (Writer.expire): the oldest events received before a time, but never the
+# newest: its seq is where the next events' continue from (SQLite would hand it out again).
+EXPIRE = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
+    " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT ?) AND received_at < ?"
+)
+
 # Runs a statement (? placeholders) in the page's read snapshot and returns its rows, as
 # they are read (a page stops reading once it is full, and then closes them).
 Run = Callable[[str, list], Iterable[tuple]]
@@ -52,20 +60,19 @@ class _Page:
 
     def __init__(self, query: EventQuery):
         self.events: list[StoredEvent] = []
-        self.limit = query.limit
-        self.max_bytes = query.max_bytes
+        self.query = query
         self.size = 0
 
     @property
     def room(self) -> int:
-        return self.limit - len(self.events)
+        return self.query.limit - len(self.events)
 
     @property
     def full(self) -> bool:
         return self.room == 0 or self._over_size()
 
     def _over_size(self) -> bool:
-        return self.max_bytes is not None and self.size > self.max_bytes and len(self.events) > 1
+        return self.query.over_size(len(self.events), self.size)
 
     def add(self, rows: Iterable[tuple]) -> None:
         """Add rows until they end (the statement's LIMIT is the room left) or the page is

@@ -26,7 +26,7 @@ from .base import (
     Writer,
     nothing_more,
 )
-from .sql import BLOCK_BITS, BUCKET_BITS, SUB_BITS, build_missing_summaries, read_page
+from .sql import BLOCK_BITS, BUCKET_BITS, EXPIRE, SUB_BITS, build_missing_summaries, read_page
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ _ADD_TOPICS = (
 _WIDEN_BLOCK = (
     "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
     " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
-)
-# Retention: the oldest events (but never the newest: SQLite would hand its seq out again).
-_EXPIRE = (
-    "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
-    " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT ?) AND received_at < ?"
 )
 _MAP_BUCKETS = (
     f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
@@ -173,7 +168,7 @@ class SQLiteWriter(Writer):
 
     def _expire_locked(self, received_before: str, limit: int) -> int:
         with self._transaction() as cur:
-            expired = cur.execute(_EXPIRE, (limit, received_before)).rowcount
+            expired = cur.execute(EXPIRE, (limit, received_before)).rowcount
             if expired:
                 cur.execute(_ADD_COUNTER, (expired, "expired"))
         return expired
