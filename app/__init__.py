@@ -9,6 +9,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import errors, logs, pages, views
+from .body import BodyBudget
 from .config import Config, from_env, with_overrides
 from .ingest import Ingestor
 from .metrics import Metrics
@@ -43,6 +44,7 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
                                           metrics=metrics, shared_dir=config.metrics_dir,
                                           retention=config.retention)
     app.extensions["event_schema"] = make_event_schema(config.max_payload)
+    app.extensions["body_budget"] = BodyBudget(config.body_budget)
     app.extensions["openapi"] = build_spec(__version__, config.max_payload)
     app.extensions["started_at"] = time.time()
     logs.init_app(app)

@@ -27,6 +27,7 @@ class Config:
     max_body: int = 16 * MIB
     max_payload: int = 64 * 1024
     max_page_bytes: int = 4 * MIB
+    body_budget: int = 32 * MIB
     max_db_mb: int | None = None
     retention: float | None = None
     queue_size: int = 64
@@ -125,6 +126,7 @@ _VARIABLES = {
     "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
     "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
     "AGGREGATOR_MAX_PAGE_BYTES": ("max_page_bytes", _positive_int),
+    "AGGREGATOR_BODY_BUDGET": ("body_budget", _positive_int),
     "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
     "AGGREGATOR_RETENTION": ("retention", _duration),
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),

@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 
 from . import pages
 from .auth import require_read, require_write
-from .body import read_events
+from .body import declared_size, parse_events, read_body
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
@@ -51,10 +51,19 @@ def publish() -> tuple[Response, int]:
     """Validate, durably store and count a batch of events."""
     config = _config()
     require_write(config)
-    raw = read_events(request, max_body=config.max_body, max_batch=config.max_batch)
-    g.events = len(raw)
-    batch, errors = build_batch(raw, current_app.extensions["event_schema"])
-    outcome = _ingestor().submit(batch)
+    declared = declared_size(request, max_body=config.max_body)
+    # The body's bytes are held from before it is read until its commit is answered: what
+    # it becomes in memory (text, objects, rows) is freed by then.
+    with current_app.extensions["body_budget"].hold(declared) as held:
+        data = read_body(request, max_body=config.max_body)
+        held.resize(len(data))  # a gzip body grows; a chunked one held max_body
+        raw = parse_events(request, data, max_batch=config.max_batch)
+        g.events = len(raw)
+        del data
+        batch, errors = build_batch(raw, current_app.extensions["event_schema"])
+        del raw
+        outcome = _ingestor().submit(batch)
+        del batch
     body = {"received": outcome.received, "unique_processed": outcome.unique_processed,
             "duplicate_dropped": outcome.duplicate_dropped, "rejected": outcome.rejected}
     if not errors:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
+import time
 
 import pytest
 
+from app.body import BodyBudget
+from app.errors import APIError
 from tests.helpers import db_counters, event, table_keys
 
 
@@ -313,3 +317,119 @@ def test_a_batch_of_any_size_is_stored_in_order_once_with_exact_counts(client, d
                                "unique_processed": size + len(new),
                                "duplicate_dropped": len(repeats) + len(mixed) - len(new),
                                "rejected": 0, "expired": 0}
+
+
+# --- The body budget: what one process reads and parses at once (app/body.py) ---
+
+class Waiters:
+    """Threads that each hold some of a BodyBudget until told to let go, noting the order
+    in which they got in (and any error)."""
+
+    def __init__(self, budget):
+        self.budget, self.order, self.errors, self._go = budget, [], {}, {}
+
+    def start(self, name, size, then=None):
+        self._go[name] = threading.Event()
+
+        def run():
+            try:
+                with self.budget.hold(size) as held:
+                    self.order.append(name)
+                    self._go[name].wait(10)
+                    if then is not None:
+                        held.resize(then)
+                        self.order.append(f"{name} resized")
+                        self._go[name].clear()
+                        self._go[name].wait(10)
+            except APIError as exc:
+                self.errors[name] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(0.1)  # in line, in this order
+        return thread
+
+    def release(self, name):
+        self._go[name].set()
+        time.sleep(0.1)
+
+
+def test_body_budget_lets_requests_in_in_arrival_order():
+    budget = BodyBudget(10, wait=5)
+    waiters = Waiters(budget)
+    threads = [waiters.start("first", 6), waiters.start("big", 8), waiters.start("small", 2)]
+    assert waiters.order == ["first"]  # small would fit, but big came before it
+    waiters.release("first")
+    assert waiters.order == ["first", "big", "small"] and budget.used == 10
+    waiters.release("big")
+    waiters.release("small")
+    for thread in threads:
+        thread.join()
+    assert budget.used == 0 and not waiters.errors
+
+
+def test_body_budget_answers_429_busy_after_its_wait_and_holds_nothing_for_it():
+    budget = BodyBudget(10, wait=0.3)
+    waiters = Waiters(budget)
+    holder = waiters.start("holder", 10)
+    started = time.monotonic()
+    with pytest.raises(APIError) as refused, budget.hold(1):
+        pass
+    assert time.monotonic() - started >= 0.3
+    assert (refused.value.status, refused.value.code, refused.value.retry_after) == \
+        (429, "busy", 1)
+    assert "AGGREGATOR_BODY_BUDGET" in refused.value.message
+    assert budget.used == 10
+    waiters.release("holder")
+    holder.join()
+    assert budget.used == 0
+
+
+def test_body_larger_than_the_budget_waits_for_all_of_it():
+    budget = BodyBudget(10, wait=5)
+    waiters = Waiters(budget)
+    threads = [waiters.start("some", 1), waiters.start("huge", 50)]
+    assert waiters.order == ["some"]
+    waiters.release("some")
+    assert waiters.order == ["some", "huge"] and budget.used == 10
+    waiters.release("huge")
+    for thread in threads:
+        thread.join()
+    assert budget.used == 0
+
+
+def test_a_request_that_grows_goes_ahead_and_one_that_shrinks_lets_others_in():
+    budget = BodyBudget(10, wait=5)
+    waiters = Waiters(budget)
+    threads = [waiters.start("gzip", 2, then=6), waiters.start("chunked", 8, then=3),
+               waiters.start("waiting", 5)]
+    assert waiters.order == ["gzip", "chunked"]
+    waiters.release("gzip")  # wants 4 more: ahead of "waiting", so in once chunked shrinks
+    waiters.release("chunked")  # held its declared 8; its body was 3
+    assert waiters.order == ["gzip", "chunked", "chunked resized", "gzip resized"]
+    assert budget.used == 9
+    waiters.release("gzip")
+    assert waiters.order[-1] == "waiting" and budget.used == 8
+    for name in ("chunked", "waiting"):
+        waiters.release(name)
+    for thread in threads:
+        thread.join()
+    assert budget.used == 0 and not waiters.errors
+
+
+@pytest.mark.parametrize("label,body,headers,status", [
+    ("stored", [event("ok")], {}, 200),
+    ("some invalid", [event("ok2"), {"topic": "x"}], {}, 207),
+    ("none valid", [{"topic": "x"}], {}, 422),
+    ("malformed", b"[{", {}, 400),
+    ("too many", [event(str(i)) for i in range(6)], {}, 413),
+    ("gzip", gzip.compress(json.dumps([event("gz")]).encode()), {"Content-Encoding": "gzip"},
+     200),
+    ("gzip too large", gzip.compress(b"[" + b" " * 5000 + b"]"), {"Content-Encoding": "gzip"},
+     413),
+])
+def test_every_publish_gives_its_body_budget_back(make_app, label, body, headers, status):
+    app = make_app(max_batch=5, max_body=4000, body_budget=3000)
+    response = publish(app.test_client(), body, **headers)
+    assert response.status_code == status, response.json
+    assert app.extensions["body_budget"].used == 0

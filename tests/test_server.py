@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -151,6 +152,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("DATABASE_URL", "mysql://x"), ("AGGREGATOR_COMMIT_TIMEOUT", "-1"),
     ("AGGREGATOR_TRUSTED_PROXIES", "-1"), ("AGGREGATOR_RETENTION", "forever"),
     ("AGGREGATOR_RETENTION", "0d"), ("AGGREGATOR_MAX_PAGE_BYTES", "0"),
+    ("AGGREGATOR_BODY_BUDGET", "-1"),
     # Secrets: the line names the variable but does not repeat them.
     ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
     ("DATABASE_URL", "mysql://host/db?password=s3cret"),
@@ -264,6 +266,34 @@ def test_full_queue_answers_429_with_retry_after_and_stores_nothing_of_it(gunico
     assert sorted(table_keys(db_path)) == sorted(("orders", f"q{i}") for i in range(6))
     now = stats(server.url)
     assert (now["received"], now["unique_processed"], now["duplicate_dropped"]) == (6, 6, 0)
+
+
+@pytest.mark.backends("sqlite")  # holds the SQLite write lock / reads the file
+def test_no_room_in_the_body_budget_answers_429_busy_and_stores_nothing_of_it(gunicorn,
+                                                                             db_path):
+    """A request holds its body's bytes of AGGREGATOR_BODY_BUDGET until its commit is
+    answered; the ones that find no room for 5 s get a 429, their bodies unread."""
+    batches = [[event(f"b{i}-{n}") for n in range(4)] for i in range(3)]
+    size = len(json.dumps(batches[0]).encode())
+    server = gunicorn(workers=1, env={"AGGREGATOR_BODY_BUDGET": str(size)})
+    lock = hold_write_lock(db_path)
+    threads, responses = post_in_threads(server.url, batches)
+    time.sleep(5.5)
+    assert [r if r is None else r.status_code for r in responses] == [None, 429, 429]
+    lock.execute("ROLLBACK")
+    lock.close()
+    for thread in threads:
+        thread.join()
+    assert responses[0].status_code == 200
+    for refused in responses[1:]:
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"] == "busy"
+        assert "AGGREGATOR_BODY_BUDGET" in refused.json()["message"]
+    assert sorted(table_keys(db_path)) == sorted(("orders", e["event_id"]) for e in batches[0])
+    assert stats(server.url)["received"] == 4
+    for batch in batches[1:]:  # with room again, a retry goes through
+        assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+    assert stats(server.url)["unique_processed"] == 12
 
 
 @pytest.mark.backends("sqlite")  # holds the SQLite write lock / reads the file
