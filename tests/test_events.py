@@ -150,6 +150,20 @@ def test_a_page_of_large_payloads_ends_at_the_page_budget_and_paging_gets_them_a
     assert first["next_cursor"] is not None
 
 
+def test_the_events_page_says_why_a_page_holds_fewer_events_than_asked(make_app):
+    client = make_app(max_page_bytes=10_000).test_client()
+    batch = [event(f"big-{i}", topic="big", payload={"x": "y" * size})
+             for i, size in enumerate(LARGE)]
+    assert client.post("/publish", json=batch).status_code == 200
+    html = {"Accept": "text/html"}
+    short = client.get("/events?limit=100", headers=html).get_data(as_text=True)
+    assert "This page ends after 1 of 100 events" in short and 'rel="next"' in short
+    full = client.get("/events?limit=1", headers=html).get_data(as_text=True)  # by count
+    assert "This page ends" not in full and 'rel="next"' in full
+    last = client.get("/events?limit=100&topic=none", headers=html).get_data(as_text=True)
+    assert "This page ends" not in last
+
+
 def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunicorn, db):
     server = gunicorn(workers=1)
     sent = []
