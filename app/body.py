@@ -86,15 +86,19 @@ def _events_of(document: object) -> list:
 
 
 class BodyBudget:
-    """The bytes of /publish bodies that one process reads, parses and holds at once.
+    """The bytes of /publish bodies that one process parses and holds at once.
 
     A body takes several times its size in memory until its events are committed: a
-    14.5 MB body of ordinary events took a worker from 32 to 115 MB, and 16 of them at
-    once to 1 GB. A request holds its body's size of the budget from before the body is
-    read until its commit's answer; requests wait their turn in arrival order, for at most
-    BUDGET_WAIT_SECONDS, then get a 429. Parsing takes the GIL anyway, so bodies parsed one
-    after the other go about as fast as bodies parsed at once. A body larger than the
+    14.5 MB body of ordinary events took a worker from 32 to 96 MB, and 16 of them at
+    once to 1 GB. Once its body is read, a request holds the body's size until its
+    commit is answered; requests wait their turn in arrival order, for at most
+    BUDGET_WAIT_SECONDS, then get a 429. Parsing takes the GIL anyway, so bodies parsed
+    one after the other go about as fast as bodies parsed at once. A body larger than the
     whole budget waits for all of it.
+
+    The budget is taken after the body is read, not before: a client that sends slowly
+    (a slow link, or on purpose) then holds only its own bytes and a thread, never room
+    that the others need.
     """
 
     def __init__(self, limit: int, wait: float = BUDGET_WAIT_SECONDS):
@@ -105,24 +109,13 @@ class BodyBudget:
         self._queue: deque[object] = deque()
 
     @contextmanager
-    def hold(self, size: int) -> Iterator[_Held]:
+    def hold(self, size: int) -> Iterator[None]:
         """Hold size bytes (or the whole budget, if less) for the with-block; raise a 429
         APIError if there is no room in time."""
-        held = _Held(self)
-        held.resize(size)
-        try:
-            yield held
-        finally:
-            held.resize(0)
-
-    def _take(self, size: int, first: bool) -> None:
-        """Wait for size bytes of room in turn (first: ahead of every waiting request)."""
+        size = min(size, self.limit)
         ticket = object()
         with self._room:
-            if first:
-                self._queue.appendleft(ticket)
-            else:
-                self._queue.append(ticket)
+            self._queue.append(ticket)
             try:
                 fits = self._room.wait_for(
                     lambda: self._queue[0] is ticket and self.used + size <= self.limit,
@@ -131,50 +124,28 @@ class BodyBudget:
                 self._queue.remove(ticket)
                 self._room.notify_all()
             if not fits:
-                raise APIError(429, "busy", "The server is reading as many bytes of request "
+                raise APIError(429, "busy", "The server is parsing as many bytes of request "
                                "bodies as AGGREGATOR_BODY_BUDGET allows; retry after a moment.",
                                retry_after=1)
             self.used += size
-
-    def _give(self, size: int) -> None:
-        with self._room:
-            self.used -= size
-            self._room.notify_all()
-
-
-class _Held:
-    """What one request holds of a BodyBudget."""
-
-    def __init__(self, budget: BodyBudget):
-        self.budget = budget
-        self.size = 0
-
-    def resize(self, size: int) -> None:
-        """Hold size bytes in all (at most the whole budget). To hold more, a request that
-        holds some already goes ahead of those that hold none: it is half done, and frees
-        its share once done."""
-        size = min(size, self.budget.limit)
-        if size > self.size:
-            self.budget._take(size - self.size, first=self.size > 0)
-        elif size < self.size:
-            self.budget._give(self.size - size)
-        self.size = size
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= size
+                self._room.notify_all()
 
 
-def declared_size(request: Request, *, max_body: int) -> int:
-    """Check a /publish request's headers, before its body is read, and return the body's
-    declared size (max_body when it is chunked), or raise APIError."""
+def check_headers(request: Request, *, max_body: int) -> None:
+    """Refuse a /publish request by its headers, before its body is read (APIError)."""
     if request.mimetype not in JSON_TYPES and request.mimetype not in NDJSON_TYPES:
         raise APIError(415, "unsupported_media_type",
                        "Send Content-Type: application/json or application/x-ndjson.")
     if _encoding(request) not in ("identity", "gzip", "x-gzip"):
         raise APIError(415, "unsupported_encoding",
                        "Content-Encoding must be gzip or absent.")
-    if request.content_length is None:
-        return max_body
-    if request.content_length > max_body:
+    if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)
-    return request.content_length
 
 
 def _encoding(request: Request) -> str:
@@ -182,7 +153,7 @@ def _encoding(request: Request) -> str:
 
 
 def read_body(request: Request, *, max_body: int) -> bytes:
-    """Return the body of a request declared_size accepted, decompressed, or raise
+    """Return the body of a request check_headers accepted, decompressed, or raise
     APIError."""
     data = _read_raw(request, max_body)
     if _encoding(request) != "identity":

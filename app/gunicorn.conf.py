@@ -32,7 +32,7 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
     By default glibc gives a thread that finds the arenas busy one of its own, up to 8 per
     core, and what a request frees in one arena is not reused by threads allocating in
     another. 16 bodies of 14.5 MB, at most two parsed at a time (the body budget) on a
-    worker's 16 threads, raised its peak by 635-663 MiB; with 2 arenas, by 179-233 MiB.
+    worker's 16 threads, raised its peak by 659-662 MiB; with 2 arenas, by 379-417 MiB.
     Ingest speed did not move (bench/ingest.py, within its noise). Done in the master
     before any thread starts; forked workers inherit it.
     """

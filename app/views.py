@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 
 from . import pages
 from .auth import require_read, require_write
-from .body import declared_size, parse_events, read_body
+from .body import check_headers, parse_events, read_body
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
@@ -51,12 +51,11 @@ def publish() -> tuple[Response, int]:
     """Validate, durably store and count a batch of events."""
     config = _config()
     require_write(config)
-    declared = declared_size(request, max_body=config.max_body)
-    # The body's bytes are held from before it is read until its commit is answered: what
-    # it becomes in memory (text, objects, rows) is freed by then.
-    with current_app.extensions["body_budget"].hold(declared) as held:
-        data = read_body(request, max_body=config.max_body)
-        held.resize(len(data))  # a gzip body grows; a chunked one held max_body
+    check_headers(request, max_body=config.max_body)
+    data = read_body(request, max_body=config.max_body)
+    # From here until its commit is answered, what the body becomes in memory (text,
+    # objects, rows) is several times its size: it is held of the process's budget.
+    with current_app.extensions["body_budget"].hold(len(data)):
         raw = parse_events(request, data, max_batch=config.max_batch)
         g.events = len(raw)
         del data

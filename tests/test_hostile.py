@@ -213,12 +213,32 @@ def test_pages_of_large_nested_payloads_cost_the_server_about_their_size(gunicor
 
 
 @pytest.mark.backends("sqlite")  # the budget is the same code on both backends
+def test_a_slow_sender_keeps_no_other_publisher_out_of_the_body_budget(gunicorn, db):
+    """The budget is taken once a body is read: a client that declares a large body and
+    sends it slowly (a slow link, or on purpose) holds a thread and its own bytes, never
+    room that the others need."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_BODY_BUDGET": "1000"})
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(head + b"[" + b" " * 5000)
+        time.sleep(0.5)  # a worker thread is reading its body
+        for number in range(3):
+            answer = requests.post(server.url + "/publish", json=[event(f"quick{number}")],
+                                   timeout=30)
+            assert answer.status_code == 200, answer.text
+        slow.sendall(b" " * 50_000)
+    assert sorted(table_keys(db)) == [("orders", f"quick{n}") for n in range(3)]
+
+
+@pytest.mark.backends("sqlite")  # the budget is the same code on both backends
 def test_many_large_bodies_at_once_cost_a_worker_about_its_body_budget(gunicorn):
-    """A 14.5 MB body of ordinary events takes a worker about 80 MB until it is committed,
-    and 16 of them at once took one worker to a peak of 1 GB. Within the body budget
-    (32 MiB: two such bodies at a time) and with malloc's arenas capped (what one thread
-    frees, the others reuse), the peak rises by less than 350 MB; the bodies that find no
-    room in time get a 429, and a retry stores them."""
+    """A 14.5 MB body of ordinary events takes a worker about 64 MB until it is committed,
+    and 16 of them at once raised one worker's peak by 900 MiB. Parsed within the body
+    budget (32 MiB: two such bodies at a time; the others wait with their bytes read) and
+    with malloc's arenas capped (what one thread frees, the others reuse), it rises by
+    less than 500 MiB (380-420 measured); the bodies that find no room in time get a 429,
+    and a retry stores them."""
     server = gunicorn(workers=1, threads=16)
     rnd = random.Random(1)
     fields = [{f"field{k}": rnd.random() if k % 3 else f"value {k} {i}" for k in range(60)}
@@ -251,7 +271,7 @@ def test_many_large_bodies_at_once_cost_a_worker_about_its_body_budget(gunicorn)
                              headers={"Content-Type": "application/json"}).status_code == 200
     stats = requests.get(server.url + "/stats", timeout=10).json()
     assert (stats["received"], stats["unique_processed"]) == (128_000, 128_000)
-    assert peak - before < 350 * 1024, (before, peak, refused)
+    assert peak - before < 500 * 1024, (before, peak, refused)
 
 
 def test_payload_nested_past_the_parser_limit_is_a_400(client):
