@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import Request
+from werkzeug.exceptions import ClientDisconnected
 
 from .errors import APIError
 
@@ -28,17 +29,53 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, "body_too_large", f"The body is larger than {limit} bytes.", limit=limit)
 
 
-def _read_raw(request: Request, limit: int) -> bytes:
-    """Read at most limit bytes of the body (chunked or not), refusing more."""
+def _read_raw(request: Request, limit: int, stall: float) -> bytes:
+    """Read at most limit bytes of the body (chunked or not), refusing more, and giving up
+    after stall seconds without a byte.
+
+    gunicorn's threads read a body from a blocking socket with no timeout: a client that
+    stopped sending (a publisher that died, a network cut with no reset) held the thread
+    for good, and with as many such connections as threads the worker answered nothing,
+    /health included.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(stall)
     stream, parts, size = request.stream, [], 0
-    while True:
-        part = stream.read(min(_READ_CHUNK, limit + 1 - size))
-        if not part:
-            return b"".join(parts)
-        parts.append(part)
-        size += len(part)
-        if size > limit:
-            raise _too_large(limit)
+    try:
+        while True:
+            part = stream.read(min(_READ_CHUNK, limit + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+            if size > limit:
+                raise _too_large(limit)
+    except (OSError, ValueError, ClientDisconnected) as exc:
+        # gunicorn raises the socket's error (or its NoMoreData, an OSError, at an early
+        # end); werkzeug, under other servers, turns it into ClientDisconnected.
+        cause = exc.__context__ if isinstance(exc, ClientDisconnected) else exc
+        if isinstance(cause, TimeoutError):
+            raise APIError(408, "body_timeout", f"No byte of the body arrived for {stall:g} s "
+                           "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.") from None
+        raise _incomplete() from None
+    except Exception as exc:
+        if type(exc).__module__ == "gunicorn.http.errors":  # a malformed chunk: its words
+            raise APIError(400, "bad_chunked_body",
+                           f"The chunked body is malformed ({type(exc).__name__}: {exc}); "
+                           "nothing was stored.") from None
+        raise
+    finally:
+        if sock is not None:
+            sock.settimeout(None)  # blocking again, as gunicorn left it
+    if request.content_length is not None and size < request.content_length:
+        raise _incomplete()
+    return b"".join(parts)
+
+
+def _incomplete() -> APIError:
+    return APIError(400, "incomplete_body", "The connection ended before the whole body "
+                    "arrived; nothing was stored.")
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
@@ -152,10 +189,10 @@ def _encoding(request: Request) -> str:
     return (request.headers.get("Content-Encoding") or "identity").strip().lower()
 
 
-def read_body(request: Request, *, max_body: int) -> bytes:
+def read_body(request: Request, *, max_body: int, stall: float) -> bytes:
     """Return the body of a request check_headers accepted, decompressed, or raise
-    APIError."""
-    data = _read_raw(request, max_body)
+    APIError (stall: seconds without a byte before a 408)."""
+    data = _read_raw(request, max_body, stall)
     if _encoding(request) != "identity":
         data = _gunzip(data, max_body)
     return data

@@ -33,6 +33,7 @@ class Config:
     queue_size: int = 64
     writers: int = 1
     commit_timeout: float = 30.0
+    body_timeout: float = 60.0
     start_timeout: float = 30.0
     web_concurrency: int = 2
     threads: int = 16
@@ -132,6 +133,7 @@ _VARIABLES = {
     "AGGREGATOR_QUEUE_SIZE": ("queue_size", _positive_int),
     "AGGREGATOR_WRITERS": ("writers", _positive_int),
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
+    "AGGREGATOR_BODY_TIMEOUT": ("body_timeout", _positive_float),
     "AGGREGATOR_START_TIMEOUT": ("start_timeout", _positive_float),
     "WEB_CONCURRENCY": ("web_concurrency", _positive_int),
     "AGGREGATOR_THREADS": ("threads", _positive_int),

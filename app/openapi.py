@@ -55,8 +55,11 @@ def _publish() -> dict:
         "responses": {
             "200": _ok("PublishResult", "Every event valid and committed"),
             "207": _ok("PublishResult", "Valid events committed; the others refused (errors)"),
-            "400": _error("Malformed JSON, bad UTF-8, bad gzip, or not an event / list"),
+            "400": _error("Malformed JSON, bad UTF-8, bad gzip, a body cut short or a "
+                          "malformed chunk, or not an event / list"),
             "401": _error("Token required (AGGREGATOR_API_TOKEN is set)"),
+            "408": _error("No byte of the body for AGGREGATOR_BODY_TIMEOUT seconds; nothing "
+                          "stored"),
             "413": _error("Too many events or too large a body"),
             "415": _error("Unsupported content type or encoding"),
             "422": _ok("PublishResult", "No event valid; nothing stored"),

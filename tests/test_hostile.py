@@ -72,6 +72,65 @@ def test_chunked_body_is_bounded_while_reading(gunicorn, db):
     assert table_keys(db) == [("orders", "chunked")]
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+        if answer.rstrip().endswith(b"}"):
+            break
+    return answer
+
+
+LENGTH_HEAD = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n[")
+CHUNKED_HEAD = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n1\r\n[\r\n")
+
+
+def test_a_body_that_stops_coming_frees_its_thread_with_a_408(gunicorn, db):
+    """A client that stops sending its body (a publisher that died, a cut network with no
+    reset) held a gunicorn thread for good: as many of them as threads, and the worker
+    answered nothing, /health included. After AGGREGATOR_BODY_TIMEOUT seconds without a
+    byte, the request ends with a 408 and its thread is free."""
+    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_BODY_TIMEOUT": "2"})
+    stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=30)
+               for _ in range(2)]
+    try:
+        for sock, head in zip(stalled, (LENGTH_HEAD, CHUNKED_HEAD), strict=True):
+            sock.sendall(head)  # and nothing more
+        assert requests.get(server.url + "/health", timeout=20).status_code == 200
+        for sock in stalled:
+            answer = read_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b'"error":"body_timeout"' in answer and b"AGGREGATOR_BODY_TIMEOUT" in answer
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert requests.post(server.url + "/publish", json=[event("after")],
+                         timeout=10).status_code == 200
+    assert table_keys(db) == [("orders", "after")]
+
+
+@pytest.mark.parametrize("head,rest,error", [
+    (LENGTH_HEAD, b' {"topic": "t"', b"incomplete_body"),
+    (LENGTH_HEAD.replace(b"1000", b"3"), b"]", b"incomplete_body"),  # "[]" would parse
+    (CHUNKED_HEAD, b"5\r\n {}", b"incomplete_body"),  # cut inside a chunk
+    (CHUNKED_HEAD, b"zz\r\n]\r\n0\r\n\r\n", b"bad_chunked_body"),
+], ids=["length", "length-valid-so-far", "chunked", "bad-chunk-size"])
+def test_a_body_cut_short_or_malformed_is_a_400_not_a_500(gunicorn, db, head, rest, error):
+    """These were 500s (gunicorn's NoMoreData and chunk errors reached the app's catch-all),
+    and a body shorter than its Content-Length that happened to parse was taken."""
+    server = gunicorn(workers=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + rest)
+        sock.shutdown(socket.SHUT_WR)  # the end of the stream, before the body's end
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b'"error":"' + error + b'"' in answer
+    assert table_keys(db) == []
+    assert "unhandled" not in server.log_path.read_text()
+
+
 # Controls and lone surrogates included: JSON's \u escapes let both through the parser.
 any_char = st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"])
 any_text = st.text(any_char, max_size=12)
