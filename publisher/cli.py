@@ -101,7 +101,7 @@ OPTIONS = {
                "seconds to wait for /health first, or 'unlimited' (default: 30; "
                "unlimited with --retries unlimited)"),
     "--retries": ("PUBLISHER_RETRIES", "8", _retries,
-                  "retries per batch on connection errors, 429 and 502/503/504 "
+                  "retries per batch on connection errors, 408, 429 and 502/503/504 "
                   "('unlimited': until it is delivered, or Ctrl-C)"),
     "--max-backoff": ("PUBLISHER_MAX_BACKOFF", f"{MAX_BACKOFF:g}", _seconds,
                       "longest wait between two retries, in seconds"),

@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-RETRY_STATUSES = (429, 502, 503, 504)
+RETRY_STATUSES = (408, 429, 502, 503, 504)
 MAX_BACKOFF = 30.0
 WAIT_NOTICE_SECONDS = 10.0
 

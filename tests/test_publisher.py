@@ -374,9 +374,11 @@ def run_publisher_peak(*args: str) -> tuple[subprocess.CompletedProcess, int]:
 
 
 class FlakyProxy(BaseHTTPRequestHandler):
-    """Answer 503 + Retry-After to the first attempts, then forward to the aggregator."""
+    """Answer `status` (+ Retry-After) to the first attempts, then forward to the
+    aggregator."""
 
     refusals = 0
+    status = 503
     target = ""
     lock = threading.Lock()
     seen = 0
@@ -391,7 +393,7 @@ class FlakyProxy(BaseHTTPRequestHandler):
             refuse = FlakyProxy.refusals > 0
             FlakyProxy.refusals -= refuse
         if refuse:
-            self.send_response(503)
+            self.send_response(FlakyProxy.status)
             self.send_header("Retry-After", "1")
             self.send_header("Content-Length", "2")
             self.end_headers()
@@ -413,9 +415,11 @@ class FlakyProxy(BaseHTTPRequestHandler):
         pass
 
 
-def test_retries_on_503_with_retry_after_and_counts_stay_exact(gunicorn):
+@pytest.mark.parametrize("status", [503, 408])  # 408: the body stalled (server or proxy)
+def test_retries_on_503_or_408_with_retry_after_and_counts_stay_exact(gunicorn, status):
     server = gunicorn()
     FlakyProxy.target, FlakyProxy.refusals, FlakyProxy.seen = server.url, 4, 0
+    FlakyProxy.status = status
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxy)
     thread = threading.Thread(target=proxy.serve_forever)
     thread.start()
