@@ -32,15 +32,20 @@ def raw_request(port: int, head: bytes, body_chunks=(), timeout: float = 10) -> 
                 sock.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed before taking it all: what we want
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            try:
-                part = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not part:
-                break
-            answer += part
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """Read an answer's head and its JSON body (or what comes before the connection ends)."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        answer += part
     return answer
 
 
@@ -70,15 +75,6 @@ def test_chunked_body_is_bounded_while_reading(gunicorn, db):
     answer = raw_request(server.port, head, [b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)])
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert table_keys(db) == [("orders", "chunked")]
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    answer = b""
-    while part := sock.recv(65536):
-        answer += part
-        if answer.rstrip().endswith(b"}"):
-            break
-    return answer
 
 
 LENGTH_HEAD = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -243,6 +239,13 @@ def test_deeply_nested_payload_is_stored_and_shown_in_json_and_html(client, dept
     assert len(page) < 40_000 and "Cut here" in page
 
 
+def only_worker(server) -> int:
+    """Return the PID of the one worker of a gunicorn started with workers=1."""
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as children:
+        (worker,) = map(int, children.read().split())
+    return worker
+
+
 def vm_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(next(line for line in status if line.startswith(field)).split()[1])
@@ -259,8 +262,7 @@ def test_pages_of_large_nested_payloads_cost_the_server_about_their_size(gunicor
         batch = [event(f"n{part}-{i}", payload=payload) for i in range(10)]
         answer = requests.post(server.url + "/publish", json=batch, timeout=60)
         assert answer.status_code == 200, answer.text
-    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as children:
-        (worker,) = map(int, children.read().split())
+    worker = only_worker(server)
     before = vm_kib(worker, "VmHWM")
     events = requests.get(server.url + "/events?limit=1000", timeout=60).json()
     assert len(events["events"]) == 64 and events["next_cursor"] is not None
@@ -305,8 +307,7 @@ def test_many_large_bodies_at_once_cost_a_worker_about_its_body_budget(gunicorn)
     text = json.dumps([event(f"@@-{i}", payload=fields[i]) for i in range(8000)]).encode()
     bodies = [text.replace(b'"@@-', f'"{body}-'.encode()) for body in range(16)]
     assert len(bodies[0]) > 14_000_000
-    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as children:
-        (worker,) = map(int, children.read().split())
+    worker = only_worker(server)
     before = vm_kib(worker, "VmHWM")
     answers: list = [None] * len(bodies)
 
