@@ -12,11 +12,14 @@ from contextlib import contextmanager
 from flask import Request
 from werkzeug.exceptions import ClientDisconnected
 
+from .deadlines import WATCHER
 from .errors import APIError
 
 JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
-_READ_CHUNK = 1024 * 1024
+# A body is read in steps of this size, each due within AGGREGATOR_BODY_TIMEOUT: 64 KiB a
+# minute by default, about 1 KiB/s, the floor a sender on the slowest link stays above.
+_BODY_STEP = 64 * 1024
 # How long a request waits for room in the body budget before its 429.
 BUDGET_WAIT_SECONDS = 5.0
 
@@ -31,34 +34,31 @@ def _too_large(limit: int) -> APIError:
 
 def _read_raw(request: Request, limit: int, stall: float) -> bytes:
     """Read at most limit bytes of the body (chunked or not), refusing more, and giving up
-    after stall seconds without a byte.
+    when a step of the body (_BODY_STEP bytes, or the rest) takes more than stall seconds.
 
     gunicorn's threads read a body from a blocking socket with no timeout: a client that
-    stopped sending (a publisher that died, a network cut with no reset) held the thread
-    for good, and with as many such connections as threads the worker answered nothing,
-    /health included.
+    stopped sending (a publisher that died, a network cut with no reset), or sent a byte
+    now and then, held the thread for as long as it liked. A late step is ended by the
+    process's deadline watcher (app/deadlines.py), which the 408 reports.
     """
     sock = request.environ.get("gunicorn.socket")
-    if sock is not None:
-        sock.settimeout(stall)
+    deadline = WATCHER.watch(sock, stall) if sock is not None else None
     stream, parts, size = request.stream, [], 0
     try:
         while True:
-            part = stream.read(min(_READ_CHUNK, limit + 1 - size))
+            part = stream.read(min(_BODY_STEP, limit + 1 - size))
             if not part:
                 break
             parts.append(part)
             size += len(part)
             if size > limit:
                 raise _too_large(limit)
-    except (OSError, ValueError, ClientDisconnected) as exc:
+            if deadline is not None:
+                deadline.renew()
+    except (OSError, ValueError, ClientDisconnected):
         # gunicorn raises the socket's error (or its NoMoreData, an OSError, at an early
         # end); werkzeug, under other servers, turns it into ClientDisconnected.
-        cause = exc.__context__ if isinstance(exc, ClientDisconnected) else exc
-        if isinstance(cause, TimeoutError):
-            raise APIError(408, "body_timeout", f"No byte of the body arrived for {stall:g} s "
-                           "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.") from None
-        raise _incomplete() from None
+        size = -1
     except Exception as exc:
         if type(exc).__module__ == "gunicorn.http.errors":  # a malformed chunk: its words
             raise APIError(400, "bad_chunked_body",
@@ -66,9 +66,12 @@ def _read_raw(request: Request, limit: int, stall: float) -> bytes:
                            "nothing was stored.") from None
         raise
     finally:
-        if sock is not None:
-            sock.settimeout(None)  # blocking again, as gunicorn left it
-    if request.content_length is not None and size < request.content_length:
+        late = deadline is not None and not deadline.cancel()
+    if late:  # the watcher ended the read: what came short or broke came from that
+        raise APIError(408, "body_timeout", f"The body stopped coming: {_BODY_STEP // 1024} "
+                       f"KiB of it (or the rest) took more than {stall:g} s "
+                       "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.")
+    if size < 0 or (request.content_length is not None and size < request.content_length):
         raise _incomplete()
     return b"".join(parts)
 

@@ -34,6 +34,7 @@ class Config:
     writers: int = 1
     commit_timeout: float = 30.0
     body_timeout: float = 60.0
+    header_timeout: float = 10.0
     start_timeout: float = 30.0
     web_concurrency: int = 2
     threads: int = 16
@@ -134,6 +135,7 @@ _VARIABLES = {
     "AGGREGATOR_WRITERS": ("writers", _positive_int),
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
     "AGGREGATOR_BODY_TIMEOUT": ("body_timeout", _positive_float),
+    "AGGREGATOR_HEADER_TIMEOUT": ("header_timeout", _positive_float),
     "AGGREGATOR_START_TIMEOUT": ("start_timeout", _positive_float),
     "WEB_CONCURRENCY": ("web_concurrency", _positive_int),
     "AGGREGATOR_THREADS": ("threads", _positive_int),

@@ -45,15 +45,22 @@ def _code(reason: str) -> str:
     return (reason or "error").lower().replace(" ", "_").replace("'", "")
 
 
+def raw_error(status: int, reason: str, message: str, code: str | None = None) -> bytes:
+    """An HTTP/1.1 answer in the JSON error shape that closes the connection, as bytes to
+    write to a socket the app never saw (gunicorn's refusals, late headers)."""
+    body = json.dumps({"error": code or _code(reason), "message": message or reason},
+                      separators=(",", ":")).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
 def write_server_error(sock, status: int, reason: str, message: str) -> None:
     """Answer a request gunicorn refused before the app ran (414, 431, bad request line)
     in the JSON error shape, as gunicorn.util.write_error does in HTML."""
     from gunicorn.util import write_nonblock
 
-    body = json.dumps({"error": _code(reason), "message": message or reason}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-    write_nonblock(sock, head.encode("latin-1") + body)
+    write_nonblock(sock, raw_error(status, reason, message))
 
 
 def _http_exception(exc: HTTPException):

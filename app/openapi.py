@@ -58,8 +58,9 @@ def _publish() -> dict:
             "400": _error("Malformed JSON, bad UTF-8, bad gzip, a body cut short or a "
                           "malformed chunk, or not an event / list"),
             "401": _error("Token required (AGGREGATOR_API_TOKEN is set)"),
-            "408": _error("No byte of the body for AGGREGATOR_BODY_TIMEOUT seconds; nothing "
-                          "stored"),
+            "408": _error("The body stopped coming (64 KiB of it took more than "
+                          "AGGREGATOR_BODY_TIMEOUT seconds), or the headers took more than "
+                          "AGGREGATOR_HEADER_TIMEOUT; nothing stored"),
             "413": _error("Too many events or too large a body"),
             "415": _error("Unsupported content type or encoding"),
             "422": _ok("PublishResult", "No event valid; nothing stored"),

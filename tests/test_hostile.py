@@ -16,6 +16,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.deadlines import Watcher
 from tests.helpers import assert_counters_match_the_table, event, table_keys
 
 PROPERTY = settings(max_examples=150, deadline=None,
@@ -105,6 +106,146 @@ def test_a_body_that_stops_coming_frees_its_thread_with_a_408(gunicorn, db):
     assert requests.post(server.url + "/publish", json=[event("after")],
                          timeout=10).status_code == 200
     assert table_keys(db) == [("orders", "after")]
+
+
+class Trickle(threading.Thread):
+    """Send data a byte at a time, every interval seconds, until the server closes the
+    connection or the data runs out (bounded either way)."""
+
+    def __init__(self, sock: socket.socket, data: bytes, interval: float):
+        super().__init__(daemon=True)
+        self.sock, self.data, self.interval = sock, data, interval
+
+    def run(self):
+        for byte in self.data:
+            try:
+                self.sock.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(self.interval)
+
+
+def blocked_recv(sock: socket.socket) -> dict:
+    """Start a thread blocked in sock.recv(); the dict gets what it returned, and when."""
+    got: dict = {}
+
+    def read():
+        got["data"] = sock.recv(100)
+        got["at"] = time.monotonic()
+
+    got["thread"] = threading.Thread(target=read, daemon=True)
+    got["thread"].start()
+    return got
+
+
+def test_a_late_read_is_ended_and_the_socket_can_still_answer():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        expired_with = []
+        got = blocked_recv(ours)
+        started = time.monotonic()
+        deadline = Watcher().watch(ours, 0.3, expired_with.append)
+        got["thread"].join(timeout=10)
+        assert got["data"] == b"" and 0.25 < got["at"] - started < 5  # as at an end of stream
+        assert expired_with == [ours]
+        assert deadline.cancel() is False  # the owner learns its read was ended as late
+        ours.sendall(b"408")
+        assert theirs.recv(10) == b"408"
+
+
+def test_a_read_that_makes_progress_is_not_ended():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        deadline = Watcher().watch(ours, 0.3)
+        for _ in range(8):  # 1.2 s in all, never 0.3 s without progress
+            time.sleep(0.15)
+            deadline.renew()
+        assert deadline.cancel() is True
+        theirs.sendall(b"x")
+        assert ours.recv(10) == b"x"  # still open for reading
+
+
+def test_a_sooner_deadline_wakes_a_watcher_sleeping_toward_a_later_one():
+    watcher = Watcher()
+    (late, _late_peer), (soon, soon_peer) = socket.socketpair(), socket.socketpair()
+    with late, _late_peer, soon, soon_peer:
+        watcher.watch(late, 60)
+        time.sleep(0.1)  # the watcher now sleeps toward the 60 s one
+        got = blocked_recv(soon)
+        watcher.watch(soon, 0.2)
+        got["thread"].join(timeout=10)
+        assert got.get("data") == b""
+
+
+def test_headers_that_stop_or_trickle_free_their_thread_with_a_408(gunicorn, db):
+    """gunicorn reads a request's line and headers from a blocking socket with no timeout:
+    a client that stopped in the middle of them, or sent a byte now and then, held a thread
+    for good. AGGREGATOR_HEADER_TIMEOUT bounds how long they may take."""
+    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_HEADER_TIMEOUT": "2"})
+    head = b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stalled, trickled = (socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                         for _ in range(2))
+    trickle = Trickle(trickled, head * 10, interval=0.2)  # 34 s of headers, if let
+    try:
+        stalled.sendall(head)  # and nothing more
+        trickle.start()
+        started = time.monotonic()
+        assert requests.get(server.url + "/health", timeout=20).status_code == 200
+        for sock in (stalled, trickled):
+            answer = read_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b'"error":"header_timeout"' in answer and b"AGGREGATOR_HEADER_TIMEOUT" in answer
+        assert time.monotonic() - started < 15  # 2 s, and gunicorn's 5 s for a first byte
+    finally:
+        for sock in (stalled, trickled):
+            sock.close()
+        trickle.join(timeout=10)
+    assert requests.post(server.url + "/publish", json=[event("after")],
+                         timeout=10).status_code == 200
+    assert table_keys(db) == [("orders", "after")]
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_a_body_that_trickles_ends_with_a_408(gunicorn, db):
+    """A byte now and then kept a body's read going for as long as the client liked (each
+    byte came well within AGGREGATOR_BODY_TIMEOUT); each 64 KiB of a body, or the rest of
+    it, must now arrive within AGGREGATOR_BODY_TIMEOUT."""
+    server = gunicorn(workers=1, threads=1, env={"AGGREGATOR_BODY_TIMEOUT": "2"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(LENGTH_HEAD)
+        trickle = Trickle(sock, b" " * 150, interval=0.2)  # 30 s of body, if let
+        trickle.start()
+        started = time.monotonic()
+        answer = read_answer(sock)
+        waited = time.monotonic() - started
+    trickle.join(timeout=10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b'"error":"body_timeout"' in answer and b"AGGREGATOR_BODY_TIMEOUT" in answer
+    assert 1.5 < waited < 10
+    assert table_keys(db) == []
+    assert requests.post(server.url + "/publish", json=[event("after")],
+                         timeout=10).status_code == 200
+    assert table_keys(db) == [("orders", "after")]
+
+
+def test_a_slow_body_that_keeps_coming_is_taken(gunicorn, db):
+    """The limit is on each 64 KiB step, not the whole body: 199,962 bytes sent in 4 parts 0.6 s
+    apart takes 1.8 s, longer than AGGREGATOR_BODY_TIMEOUT=1, and is stored."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_BODY_TIMEOUT": "1"})
+    body = json.dumps([event(f"slow-{n}", payload={"pad": "x" * 1000})
+                       for n in range(178)]).encode()
+    assert 3 * 64 * 1024 < len(body) <= 200_000  # the 4th part completes the 3rd step
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        for start in range(0, 200_000, 50_000):
+            if start:
+                time.sleep(0.6)
+            sock.sendall(body[start:start + 50_000])
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert len(table_keys(db)) == 178
 
 
 @pytest.mark.parametrize("head,rest,error", [

@@ -1,0 +1,64 @@
+"""gunicorn's gthread worker, with a time limit on reading a request's line and headers.
+
+gunicorn parses them, before the app runs, from a blocking socket with no timeout: a
+client that stopped in the middle of its headers, or sent a byte of them now and then,
+held a thread for good (with 2 such clients on a worker of 2 threads, /health got no
+answer in 20 s; it never would have). gunicorn has no setting for it, so this subclass
+watches each request from the moment a thread takes its connection until the headers are
+parsed, and answers 408 when they take longer than AGGREGATOR_HEADER_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from gunicorn.workers import gthread
+
+from .config import from_env
+from .deadlines import WATCHER
+from .errors import raw_error
+
+log = logging.getLogger(__name__)
+
+
+class ThreadWorker(gthread.ThreadWorker):
+    """gunicorn's gthread worker (`worker_class = "app.worker.ThreadWorker"`)."""
+
+    header_timeout = 10.0
+
+    def init_process(self):
+        self.header_timeout = from_env().header_timeout  # checked by the master already
+        super().init_process()
+
+    def handle(self, conn):
+        seconds = self.header_timeout
+        if not (conn.initialized or conn.data_ready):
+            # gunicorn first waits this long in the thread for a new connection's first
+            # byte, then hands the connection back to its poller: not the client's time.
+            seconds += gthread.DEFAULT_WORKER_DATA_TIMEOUT
+        conn.header_deadline = WATCHER.watch(conn.sock, seconds, self._answer_late)
+        try:
+            return super().handle(conn)
+        finally:
+            conn.header_deadline.cancel()  # before gunicorn may close the socket
+
+    def handle_request(self, req, conn):
+        if not conn.header_deadline.cancel():
+            return False  # answered 408 already, while the last header came in: close
+        return super().handle_request(req, conn)
+
+    def _answer_late(self, sock: socket.socket) -> None:
+        """Write the 408 of a request whose headers were late (called by the watcher, with
+        the socket's reader blocked in recv; never blocks)."""
+        try:
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except (OSError, TypeError, ValueError):
+            peer = "?"
+        log.info("headers from %s took over %gs (AGGREGATOR_HEADER_TIMEOUT): answered 408",
+                 peer, self.header_timeout)
+        sock.send(raw_error(408, "Request Timeout", "The request line and headers did not "
+                            f"arrive within {self.header_timeout:g} s "
+                            "(AGGREGATOR_HEADER_TIMEOUT).", code="header_timeout"),
+                  socket.MSG_DONTWAIT)
