@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from app.config import _VARIABLES as config_variables
 from tests.helpers import (
     ROOT,
     GunicornServer,
@@ -153,6 +155,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("AGGREGATOR_TRUSTED_PROXIES", "-1"), ("AGGREGATOR_RETENTION", "forever"),
     ("AGGREGATOR_RETENTION", "0d"), ("AGGREGATOR_MAX_PAGE_BYTES", "0"),
     ("AGGREGATOR_BODY_BUDGET", "-1"), ("AGGREGATOR_BODY_TIMEOUT", "0"),
+    ("AGGREGATOR_HEADER_TIMEOUT", "soon"),
     # Secrets: the line names the variable but does not repeat them.
     ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
     ("DATABASE_URL", "mysql://host/db?password=s3cret"),
@@ -164,6 +167,13 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_every_setting_is_in_the_readme_configuration_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
+    assert sorted(set(config_variables) - documented) == []
 
 
 def test_start_waits_for_a_postgresql_that_comes_up_later(tmp_path):
