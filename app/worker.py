@@ -3,9 +3,13 @@
 gunicorn parses them, before the app runs, from a blocking socket with no timeout: a
 client that stopped in the middle of its headers, or sent a byte of them now and then,
 held a thread for good (with 2 such clients on a worker of 2 threads, /health got no
-answer in 20 s; it never would have). gunicorn has no setting for it, so this subclass
-watches each request from the moment a thread takes its connection until the headers are
-parsed, and answers 408 when they take longer than AGGREGATOR_HEADER_TIMEOUT.
+answer in 90 s). gunicorn has no setting for it, so this subclass watches each request
+from the moment a thread takes its connection until the headers are parsed, and answers
+408 when they take longer than AGGREGATOR_HEADER_TIMEOUT.
+
+HTTP/1 only, as served here: gunicorn's HTTP/2 needs the h2 library, which
+requirements.txt does not install. (Were it enabled, handle_http2 would have to cancel
+the deadline, or the watcher would end a long-lived HTTP/2 connection.)
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ class ThreadWorker(gthread.ThreadWorker):
             peer = f"{host}:{port}"
         except (OSError, TypeError, ValueError):
             peer = "?"
-        log.info("headers from %s took over %gs (AGGREGATOR_HEADER_TIMEOUT): answered 408",
+        log.info("headers from %s took over %gs (AGGREGATOR_HEADER_TIMEOUT): 408, closed",
                  peer, self.header_timeout)
+        if self.cfg.is_ssl:
+            return  # plain bytes on a TLS connection would be garbage: only close it
         sock.send(raw_error(408, "Request Timeout", "The request line and headers did not "
                             f"arrive within {self.header_timeout:g} s "
                             "(AGGREGATOR_HEADER_TIMEOUT).", code="header_timeout"),

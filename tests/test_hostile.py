@@ -203,7 +203,9 @@ def test_headers_that_stop_or_trickle_free_their_thread_with_a_408(gunicorn, db)
     assert requests.post(server.url + "/publish", json=[event("after")],
                          timeout=10).status_code == 200
     assert table_keys(db) == [("orders", "after")]
-    assert "Traceback" not in server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert log.count("(AGGREGATOR_HEADER_TIMEOUT): 408, closed") == 2  # for the operator
+    assert "Traceback" not in log
 
 
 def test_a_body_that_trickles_ends_with_a_408(gunicorn, db):
