@@ -45,7 +45,10 @@ class ThreadWorker(gthread.ThreadWorker):
         try:
             return super().handle(conn)
         finally:
-            conn.header_deadline.cancel()  # before gunicorn may close the socket
+            # Before gunicorn may close the socket: the watcher touches only watched ones.
+            if not conn.header_deadline.cancel():
+                log.info("headers from %s took over %gs (AGGREGATOR_HEADER_TIMEOUT): 408, "
+                         "closed", _address(conn.client), self.header_timeout)
 
     def handle_request(self, req, conn):
         if not conn.header_deadline.cancel():
@@ -53,18 +56,18 @@ class ThreadWorker(gthread.ThreadWorker):
         return super().handle_request(req, conn)
 
     def _answer_late(self, sock: socket.socket) -> None:
-        """Write the 408 of a request whose headers were late (called by the watcher, with
-        the socket's reader blocked in recv; never blocks)."""
-        try:
-            host, port = sock.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except (OSError, TypeError, ValueError):
-            peer = "?"
-        log.info("headers from %s took over %gs (AGGREGATOR_HEADER_TIMEOUT): 408, closed",
-                 peer, self.header_timeout)
+        """Write the 408 of a request whose headers are late (called by the watcher while
+        the reader is blocked in recv: must not block)."""
         if self.cfg.is_ssl:
             return  # plain bytes on a TLS connection would be garbage: only close it
         sock.send(raw_error(408, "Request Timeout", "The request line and headers did not "
                             f"arrive within {self.header_timeout:g} s "
                             "(AGGREGATOR_HEADER_TIMEOUT).", code="header_timeout"),
                   socket.MSG_DONTWAIT)
+
+
+def _address(client) -> str:
+    """host:port of a TCP peer as gunicorn's accept() gave it (a path for a Unix socket)."""
+    if isinstance(client, (tuple, list)) and len(client) >= 2:
+        return f"{client[0]}:{client[1]}"
+    return str(client or "?")
