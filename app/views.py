@@ -29,6 +29,7 @@ from .logs import utc_text
 from .metrics import CONTENT_TYPE
 from .schemas import EventsQuerySchema, build_batch, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
+from .store.base import utf8_length
 
 bp = Blueprint("api", __name__)
 _events_query = EventsQuerySchema()
@@ -128,7 +129,7 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
         descending=args["order"] == "desc", max_bytes=_config().max_page_bytes)
     rows = _store().events(query)
     more = len(rows) > limit or query.over_size(
-        len(rows), sum(len(event.payload) for event in rows))
+        len(rows), sum(utf8_length(event.payload) for event in rows))
     page = rows[:-1] if more else rows
     return page, encode_cursor(page[-1].seq) if more else None
 

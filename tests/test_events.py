@@ -150,6 +150,22 @@ def test_a_page_of_large_payloads_ends_at_the_page_budget_and_paging_gets_them_a
     assert first["next_cursor"] is not None
 
 
+def test_the_page_budget_counts_bytes_not_characters(make_app):
+    """A payload of 300 "e" is 308 bytes of JSON; of 300 "é", 308 characters but 608 bytes.
+    With a budget of 1,000 bytes, a page holds the events before the one that takes it
+    over: 3 of the first kind, 1 of the second (3 as well, were characters counted)."""
+    client = make_app(max_page_bytes=1000).test_client()
+    for topic, letter in (("ascii", "e"), ("accents", "é")):
+        batch = [event(f"{topic}-{i}", topic=topic, payload={"x": letter * 300})
+                 for i in range(10)]
+        assert client.post("/publish", json=batch).status_code == 200
+    for topic, expected in (("ascii", 3), ("accents", 1)):
+        page = client.get("/events", query_string={"topic": topic, "limit": 100}).json
+        assert [e["event_id"] for e in page["events"]] == [f"{topic}-{i}"
+                                                            for i in range(expected)]
+        assert page["next_cursor"] is not None
+
+
 def test_the_events_page_says_why_a_page_holds_fewer_events_than_asked(make_app):
     client = make_app(max_page_bytes=10_000).test_client()
     batch = [event(f"big-{i}", topic="big", payload={"x": "y" * size})

@@ -66,12 +66,18 @@ class Counters:
     expired: int
 
 
+def utf8_length(text: str) -> int:
+    """The UTF-8 size of text: its length when ASCII (which CPython knows without a scan),
+    else the length of its encoding."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 @dataclass(frozen=True)
 class EventQuery:
     """Filters and keyset position for a page of events.
 
     A page ends after limit events. With max_bytes, it also ends at the first event, from
-    the second on, that takes the payloads read (in characters) over max_bytes. A reader
+    the second on, that takes the payloads read (in UTF-8 bytes) over max_bytes. A reader
     that asks for one event more than it shows can tell from that last event that more
     follow, whichever rule ended the page; and a page holds about max_bytes of payloads,
     however large each is.
@@ -87,7 +93,7 @@ class EventQuery:
     max_bytes: int | None = None
 
     def over_size(self, count: int, size: int) -> bool:
-        """Return whether count events whose payloads take size characters are over
+        """Return whether count events whose payloads take size bytes are over
         max_bytes: the last of them is past the page (never the first)."""
         return self.max_bytes is not None and count > 1 and size > self.max_bytes
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import replace
 
-from .base import EventQuery, StoredEvent
+from .base import EventQuery, StoredEvent, utf8_length
 
 # event_blocks: a block holds the sequence numbers seq >> BLOCK_BITS.
 BLOCK_BITS = 12
@@ -81,7 +81,7 @@ class _Page:
             for row in rows:
                 event = StoredEvent(*row)
                 self.events.append(event)
-                self.size += len(event.payload)
+                self.size += utf8_length(event.payload)
                 if self._over_size():
                     break
 
