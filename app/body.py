@@ -43,7 +43,7 @@ def _read_raw(request: Request, limit: int, stall: float) -> bytes:
     """
     sock = request.environ.get("gunicorn.socket")
     deadline = WATCHER.watch(sock, stall) if sock is not None else None
-    stream, parts, size = request.stream, [], 0
+    stream, parts, size, failure = request.stream, [], 0, None
     try:
         while True:
             part = stream.read(min(_BODY_STEP, limit + 1 - size))
@@ -58,20 +58,21 @@ def _read_raw(request: Request, limit: int, stall: float) -> bytes:
     except (OSError, ValueError, ClientDisconnected):
         # gunicorn raises the socket's error (or its NoMoreData, an OSError, at an early
         # end); werkzeug, under other servers, turns it into ClientDisconnected.
-        size = -1
+        failure = _incomplete()
     except Exception as exc:
-        if type(exc).__module__ == "gunicorn.http.errors":  # a malformed chunk: its words
-            raise APIError(400, "bad_chunked_body",
-                           f"The chunked body is malformed ({type(exc).__name__}: {exc}); "
-                           "nothing was stored.") from None
-        raise
+        if type(exc).__module__ != "gunicorn.http.errors":
+            raise
+        failure = APIError(400, "bad_chunked_body", f"The chunked body is malformed "
+                           f"({type(exc).__name__}: {exc}); nothing was stored.")
     finally:
         late = deadline is not None and not deadline.cancel()
-    if late:  # the watcher ended the read: what came short or broke came from that
+    if late:  # the watcher ended the read: whatever came short or broke came from that
         raise APIError(408, "body_timeout", f"The body stopped coming: {_BODY_STEP // 1024} "
                        f"KiB of it (or the rest) took more than {stall:g} s "
                        "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.")
-    if size < 0 or (request.content_length is not None and size < request.content_length):
+    if failure is not None:
+        raise failure
+    if request.content_length is not None and size < request.content_length:
         raise _incomplete()
     return b"".join(parts)
 

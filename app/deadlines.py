@@ -12,6 +12,7 @@ of stream. Writing stays open, so the reader can still answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -89,14 +90,17 @@ class Watcher:
 
 
 def _end(deadline: Deadline) -> None:
-    try:
-        if deadline.on_expire is not None:
+    """Call the late read's on_expire, then shut its socket down for reading, whatever the
+    callback did: that is what frees the reader."""
+    if deadline.on_expire is not None:
+        try:
             deadline.on_expire(deadline.sock)
+        except OSError:
+            pass  # no room to write, or the client went away: closing is answer enough
+        except Exception:  # never let one bad callback stop the watcher
+            log.exception("answering a late read failed")
+    with contextlib.suppress(OSError):  # not connected any more: its recv ends anyway
         deadline.sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass  # the client went away meanwhile: its read ends anyway
-    except Exception:  # never let one bad callback stop the watcher
-        log.exception("ending a late read failed")
 
 
 WATCHER = Watcher()

@@ -153,6 +153,18 @@ def test_a_late_read_is_ended_and_the_socket_can_still_answer():
         assert theirs.recv(10) == b"408"
 
 
+def test_a_late_read_is_ended_even_when_its_answer_cannot_be_written():
+    def no_room(sock):
+        raise BlockingIOError("the send buffer is full")
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        got = blocked_recv(ours)
+        Watcher().watch(ours, 0.2, no_room)
+        got["thread"].join(timeout=10)
+        assert got.get("data") == b""
+
+
 def test_a_read_that_makes_progress_is_not_ended():
     ours, theirs = socket.socketpair()
     with ours, theirs:
