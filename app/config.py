@@ -35,6 +35,7 @@ class Config:
     commit_timeout: float = 30.0
     body_timeout: float = 60.0
     header_timeout: float = 10.0
+    send_timeout: float = 60.0
     start_timeout: float = 30.0
     web_concurrency: int = 2
     threads: int = 16
@@ -136,6 +137,7 @@ _VARIABLES = {
     "AGGREGATOR_COMMIT_TIMEOUT": ("commit_timeout", _positive_float),
     "AGGREGATOR_BODY_TIMEOUT": ("body_timeout", _positive_float),
     "AGGREGATOR_HEADER_TIMEOUT": ("header_timeout", _positive_float),
+    "AGGREGATOR_SEND_TIMEOUT": ("send_timeout", _positive_float),
     "AGGREGATOR_START_TIMEOUT": ("start_timeout", _positive_float),
     "WEB_CONCURRENCY": ("web_concurrency", _positive_int),
     "AGGREGATOR_THREADS": ("threads", _positive_int),

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.deadlines import Watcher
-from tests.helpers import assert_counters_match_the_table, event, table_keys
+from tests.helpers import assert_counters_match_the_table, event, table_keys, wait_for
 
 PROPERTY = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -218,6 +218,35 @@ def test_headers_that_stop_or_trickle_free_their_thread_with_a_408(gunicorn, db)
     log = server.log_path.read_text()
     assert log.count("(AGGREGATOR_HEADER_TIMEOUT): 408, closed") == 2  # for the operator
     assert "Traceback" not in log
+
+
+def test_a_client_that_reads_nothing_of_its_answer_frees_the_thread(gunicorn, db):
+    """gunicorn writes an answer with a blocking sendall() and no timeout: a client that
+    took nothing of a large one held the thread for as long as the connection lived. With
+    2 threads, 2 such clients of a 16 MB page made /health wait for good (more than the
+    kernel's buffers hold, with the client's receive buffer at 4 KiB)."""
+    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "2",
+                                                 "AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)})
+    for part in range(4):
+        batch = [event(f"big-{part}-{i}", payload={"x": "y" * 16_000}) for i in range(250)]
+        assert requests.post(server.url + "/publish", json=batch, timeout=60).status_code == 200
+    readers = []
+    try:
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", server.port))
+            readers.append(sock)
+            sock.sendall(b"GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")  # no read
+        time.sleep(1)
+        assert requests.get(server.url + "/health", timeout=20).status_code == 200
+        wait_for(lambda: server.log_path.read_text().count(
+            "(AGGREGATOR_SEND_TIMEOUT), closed") == 2, 20, "both answers given up")
+    finally:
+        for sock in readers:
+            sock.close()
+    assert "Traceback" not in server.log_path.read_text()
 
 
 def test_a_body_that_trickles_ends_with_a_408(gunicorn, db):
