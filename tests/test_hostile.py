@@ -272,9 +272,9 @@ def test_a_body_that_trickles_ends_with_a_408(gunicorn, db):
 
 
 def test_a_slow_body_that_keeps_coming_is_taken(gunicorn, db):
-    """The limit is on each 64 KiB step, not the whole body: 199,962 bytes sent in 4 parts 0.6 s
-    apart takes 1.8 s, longer than AGGREGATOR_BODY_TIMEOUT=1, and is stored."""
-    server = gunicorn(workers=1, env={"AGGREGATOR_BODY_TIMEOUT": "1"})
+    """The limit is on each 64 KiB step, not the whole body: 199,962 bytes sent in 4 parts 1.1 s
+    apart take 3.3 s, longer than AGGREGATOR_BODY_TIMEOUT=3, and are stored."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_BODY_TIMEOUT": "3"})
     body = json.dumps([event(f"slow-{n}", payload={"pad": "x" * 1000})
                        for n in range(178)]).encode()
     assert 3 * 64 * 1024 < len(body) <= 200_000  # the 4th part completes the 3rd step
@@ -284,7 +284,7 @@ def test_a_slow_body_that_keeps_coming_is_taken(gunicorn, db):
         sock.sendall(head)
         for start in range(0, 200_000, 50_000):
             if start:
-                time.sleep(0.6)
+                time.sleep(1.1)
             sock.sendall(body[start:start + 50_000])
         answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
