@@ -32,9 +32,10 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, "body_too_large", f"The body is larger than {limit} bytes.", limit=limit)
 
 
-def _read_raw(request: Request, limit: int, stall: float) -> bytes:
+def _read_raw(request: Request, limit: int, step_timeout: float) -> bytes:
     """Read at most limit bytes of the body (chunked or not), refusing more, and giving up
-    when a step of the body (_BODY_STEP bytes, or the rest) takes more than stall seconds.
+    when a step of the body (_BODY_STEP bytes, or the rest) takes more than step_timeout
+    seconds.
 
     gunicorn's threads read a body from a blocking socket with no timeout: a client that
     stopped sending (a publisher that died, a network cut with no reset), or sent a byte
@@ -42,7 +43,7 @@ def _read_raw(request: Request, limit: int, stall: float) -> bytes:
     process's deadline watcher (app/deadlines.py), which the 408 reports.
     """
     sock = request.environ.get("gunicorn.socket")
-    deadline = WATCHER.watch(sock, stall) if sock is not None else None
+    deadline = WATCHER.watch(sock, step_timeout) if sock is not None else None
     stream, parts, size, failure = request.stream, [], 0, None
     try:
         while True:
@@ -68,7 +69,7 @@ def _read_raw(request: Request, limit: int, stall: float) -> bytes:
         late = deadline is not None and not deadline.cancel()
     if late:  # the watcher ended the read: whatever came short or broke came from that
         raise APIError(408, "body_timeout", f"The body stopped coming: {_BODY_STEP // 1024} "
-                       f"KiB of it (or the rest) took more than {stall:g} s "
+                       f"KiB of it (or the rest) took more than {step_timeout:g} s "
                        "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.")
     if failure is not None:
         raise failure
@@ -193,10 +194,10 @@ def _encoding(request: Request) -> str:
     return (request.headers.get("Content-Encoding") or "identity").strip().lower()
 
 
-def read_body(request: Request, *, max_body: int, stall: float) -> bytes:
+def read_body(request: Request, *, max_body: int, step_timeout: float) -> bytes:
     """Return the body of a request check_headers accepted, decompressed, or raise
-    APIError (stall: seconds without a byte before a 408)."""
-    data = _read_raw(request, max_body, stall)
+    APIError (step_timeout: seconds each _BODY_STEP bytes may take before a 408)."""
+    data = _read_raw(request, max_body, step_timeout)
     if _encoding(request) != "identity":
         data = _gunzip(data, max_body)
     return data

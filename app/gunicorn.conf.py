@@ -76,7 +76,8 @@ bind = _config.bind
 # 4 x 8 73,944 / 77,297 (RSS 200 MiB); 2 x 16 80,686 / 87,028. More threads than a
 # worker's share of connections cover the moments when recycled connections (below)
 # land unevenly; more workers only add memory, since SQLite takes one writer at a time.
-# gthread, with a time limit on reading a request's headers (app/worker.py).
+# gthread, with time limits on reading a request's headers and on sending its answer
+# (app/worker.py).
 worker_class = "app.worker.ThreadWorker"
 workers = _config.web_concurrency
 threads = _config.threads

@@ -53,7 +53,7 @@ def publish() -> tuple[Response, int]:
     config = _config()
     require_write(config)
     check_headers(request, max_body=config.max_body)
-    data = read_body(request, max_body=config.max_body, stall=config.body_timeout)
+    data = read_body(request, max_body=config.max_body, step_timeout=config.body_timeout)
     # From here until its commit is answered, what the body becomes in memory (text,
     # objects, rows) is several times its size: it is held of the process's budget.
     with current_app.extensions["body_budget"].hold(len(data)):

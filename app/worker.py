@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 class ThreadWorker(gthread.ThreadWorker):
     """gunicorn's gthread worker (`worker_class = "app.worker.ThreadWorker"`)."""
 
-    header_timeout = 10.0
-    send_timeout = 60.0
-
     def init_process(self):
         config = from_env()  # checked by the master already
         self.header_timeout, self.send_timeout = config.header_timeout, config.send_timeout
