@@ -157,6 +157,21 @@ def write_lock_held_outside(db):
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def stalled_reader(port: int, target: str) -> socket.socket:
+    """Send GET target from a socket with a 4 KiB receive buffer on 127.0.0.1:port, and
+    return it: the caller reads at most the head of the answer, then nothing."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def free_port() -> int:
     """Return a loopback port that was free a moment ago."""
     with socket.socket() as sock:

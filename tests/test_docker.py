@@ -16,7 +16,7 @@ import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, event, free_port, stalled_reader, wait_for
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
@@ -121,6 +121,7 @@ def compose_project(*profile: str, **variables: str):
         return subprocess.run(["docker", "compose", "-p", project, *profile, *args], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
 
+    run.port = port
     run.url = f"http://127.0.0.1:{port}"
     try:
         yield run
@@ -226,7 +227,8 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     assert json.loads(second.stdout.splitlines()[-1])["duplicates"] == 200
 
 
-CLUSTER = ("postgres", "aggregator-1", "aggregator-2", "aggregator-3", "nginx")
+REPLICAS = ("aggregator-1", "aggregator-2", "aggregator-3")
+CLUSTER = ("postgres", *REPLICAS, "nginx")
 COUNTS = ("received", "unique_processed", "duplicate_dropped", "topics")
 
 
@@ -302,3 +304,59 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     final = stats(cluster.url)
     assert (final["received"], final["unique_processed"]) == (6400, 5200)
     assert count_events(cluster.url) == 5200
+
+
+@pytest.fixture
+def big_page_cluster(tmp_path):
+    """The cluster profile, its replicas allowed /events pages of 64 MiB by an override
+    file: larger than all the socket buffers between a replica and a client."""
+    override = tmp_path / "big-pages.yaml"
+    override.write_text(yaml.safe_dump({"services": {
+        name: {"environment": {"AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)}}
+        for name in REPLICAS}}))
+    yield from compose_project("-f", "compose.yaml", "-f", str(override), "--profile", "cluster")
+
+
+def connections_from_nginx(compose) -> int:
+    """Count the TCP connections open to the replicas' port 8080 from another address than
+    their own loopback (their healthcheck's): nginx's, each one an answer being read."""
+    count = 0
+    for name in REPLICAS:
+        table = compose("exec", "-T", name, "cat", "/proc/net/tcp").stdout.splitlines()[1:]
+        for line in table:
+            local, remote, state = line.split()[1:4]
+            count += (local.endswith(":1F90") and state == "01"  # ESTABLISHED
+                      and not remote.startswith("0100007F:"))
+    return count
+
+
+def test_cluster_nginx_takes_whole_answers_so_a_stalled_reader_holds_no_replica(
+        big_page_cluster):
+    """With `proxy_buffering off`, nginx read a replica's answer only as fast as its client
+    took it: a client that read nothing of a 40 MB page kept the replica's connection, and
+    its thread, for as long as its kernel let a few bytes through now and then. nginx now
+    takes the whole answer at once (into a temporary file) and the replica is free."""
+    cluster = big_page_cluster
+    up = cluster("up", "--build", "-d", *CLUSTER)
+    assert up.returncode == 0, up.stderr[-3000:]
+    wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the cluster to be healthy")
+    for part in range(4):
+        batch = [event(f"big-{part}-{n}", payload={"pad": "x" * 40_000}) for n in range(250)]
+        answer = requests.post(cluster.url + "/publish", json=batch, timeout=120)
+        assert answer.status_code == 200, answer.text
+    readers = []
+    try:
+        for _ in range(2):
+            readers.append(stalled_reader(cluster.port, "/events?limit=1000"))
+            head = readers[-1].recv(4096)  # and nothing more
+            assert head.startswith(b"HTTP/1.1 200"), head[:300]
+            assert int(re.search(rb"Content-Length: (\d+)", head)[1]) > 40_000_000
+        wait_for(lambda: connections_from_nginx(cluster) == 0, 30,
+                 "the replicas to be done with both answers")
+        assert cluster("logs", "nginx").stdout.count(
+            "an upstream response is buffered to a temporary file") >= 2
+        # The data is there, and the cluster answers while both readers hold theirs.
+        assert requests.get(cluster.url + "/stats", timeout=10).json()["unique_processed"] == 1000
+    finally:
+        for sock in readers:
+            sock.close()

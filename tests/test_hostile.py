@@ -17,7 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.deadlines import Watcher
-from tests.helpers import assert_counters_match_the_table, event, table_keys, wait_for
+from tests.helpers import (
+    assert_counters_match_the_table,
+    event,
+    stalled_reader,
+    table_keys,
+    wait_for,
+)
 
 PROPERTY = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -233,12 +239,7 @@ def test_a_client_that_reads_nothing_of_its_answer_frees_the_thread(gunicorn, db
     readers = []
     try:
         for _ in range(2):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(30)
-            sock.connect(("127.0.0.1", server.port))
-            readers.append(sock)
-            sock.sendall(b"GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")  # no read
+            readers.append(stalled_reader(server.port, "/events?limit=1000"))
         time.sleep(1)
         assert requests.get(server.url + "/health", timeout=20).status_code == 200
         wait_for(lambda: server.log_path.read_text().count(
