@@ -79,6 +79,9 @@ bind = _config.bind
 # gthread, with time limits on reading a request's headers and on sending its answer
 # (app/worker.py).
 worker_class = "app.worker.ThreadWorker"
+# Static files are written with sendall() like every answer, under the worker's send limit:
+# socket.sendfile() on a blocking socket waits for it to be writable with no limit.
+sendfile = False
 workers = _config.web_concurrency
 threads = _config.threads
 timeout = 60

@@ -6,10 +6,17 @@ socket with no timeout: a client that stopped in the middle of its headers, or s
 byte of them now and then, held a thread for good (with 2 such clients on a worker of 2
 threads, /health got no answer in 90 s). gunicorn has no setting for it, so this subclass
 watches each request from the moment a thread takes its connection until the headers are
-parsed, and answers 408 when they take longer than AGGREGATOR_HEADER_TIMEOUT. Writing an
-answer had no time limit either: a client that read nothing of a large one held its
-thread for as long as the connection lived, so a send that makes no progress for
-AGGREGATOR_SEND_TIMEOUT fails.
+parsed, and answers 408 when they take longer than AGGREGATOR_HEADER_TIMEOUT.
+
+Writing an answer had no time limit either: a client that read nothing of a large one
+held its thread for as long as the connection lived. A limit on each send() alone (the
+kernel's SO_SNDTIMEO, the previous fix) fell short: a send() counts as progress whatever
+it queues in the kernel's send buffer, which kept growing in front of a client that read
+nothing (2.8 MB in the first 5 s, then 184 KB every 5 s), so such a client was let go
+after 6.2, 15.4 and 63.1 s with limits of 2, 5 and 20 s. Now the client must take (its
+kernel acknowledge) _SEND_STEP of an answer every AGGREGATOR_SEND_TIMEOUT seconds, as
+each step of a body must arrive within AGGREGATOR_BODY_TIMEOUT: let go after 2.2, 5.2
+and 20.4 s.
 
 HTTP/1 only, as served here: gunicorn's HTTP/2 needs the h2 library, which
 requirements.txt does not install. (Were it enabled, handle_http2 would have to cancel
@@ -18,9 +25,14 @@ the deadline, or the watcher would end a long-lived HTTP/2 connection.)
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import socket
 import struct
+import sys
+import termios
+import time
 
 from gunicorn.workers import gthread
 
@@ -30,6 +42,64 @@ from .errors import raw_error
 
 log = logging.getLogger(__name__)
 
+_SEND_STEP = 64 * 1024  # as app/body.py's _BODY_STEP
+_SIOCOUTQ = termios.TIOCOUTQ if sys.platform == "linux" else None  # the same ioctl on Linux
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO: a blocking send() returns what it could hand the kernel in this long, or
+    fails with EAGAIN (Python's BlockingIOError) if nothing. Never 0, which means no limit."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes in sock's send queue that the peer has not acknowledged (Linux's SIOCOUTQ);
+    0 where that cannot be asked."""
+    if _SIOCOUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+class _StepSocket(socket.socket):
+    """A plain connection socket whose sendall() fails (BlockingIOError) when the client has
+    taken less than _SEND_STEP of it in step_timeout seconds.
+
+    Taken means acknowledged by the client's kernel: bytes that send() queued in ours do not
+    count, since a send buffer of megabytes fills up in front of a client that reads
+    nothing. gunicorn writes answers with sendall(), static files included (`sendfile =
+    False` in gunicorn.conf.py). A connection's socket gets this class in
+    ThreadWorker.handle."""
+
+    __slots__ = ()  # the layout of socket.socket, so that __class__ can be assigned
+    step_timeout: float  # AGGREGATOR_SEND_TIMEOUT, set by ThreadWorker.init_process
+
+    def sendall(self, data, flags: int = 0) -> None:
+        with memoryview(data) as whole, whole.cast("B") as view:
+            sent = taken_before = 0
+            deadline = time.monotonic() + self.step_timeout
+            while True:
+                try:  # returns once all is queued, or at the deadline
+                    _set_send_timeout(self, deadline - time.monotonic())
+                    sent += self.send(view[sent:], flags)
+                except BlockingIOError:
+                    pass  # nothing queued by the deadline
+                if sent == len(view):
+                    return
+                if time.monotonic() < deadline:
+                    continue  # a signal cut the send() short
+                # What was queued before this call and is acknowledged now counts as taken,
+                # so this errs, by at most that much (the headers), on the strict side.
+                taken = sent - _unacknowledged(self)
+                if taken - taken_before < _SEND_STEP:
+                    raise BlockingIOError(errno.EAGAIN, "the client took too little in time")
+                taken_before, deadline = taken, time.monotonic() + self.step_timeout
+
 
 class ThreadWorker(gthread.ThreadWorker):
     """gunicorn's gthread worker (`worker_class = "app.worker.ThreadWorker"`)."""
@@ -37,15 +107,15 @@ class ThreadWorker(gthread.ThreadWorker):
     def init_process(self):
         config = from_env()  # checked by the master already
         self.header_timeout, self.send_timeout = config.header_timeout, config.send_timeout
+        _StepSocket.step_timeout = config.send_timeout
         super().init_process()
 
     def handle(self, conn):
         if not getattr(conn, "send_timeout_set", False):
-            # The kernel fails a send() that could hand nothing to a client for this long
-            # (nginx's send_timeout): Python's sendall then raises BlockingIOError.
-            whole = int(self.send_timeout)
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
-                "ll", whole, int((self.send_timeout - whole) * 1_000_000)))
+            if type(conn.sock) is socket.socket:
+                conn.sock.__class__ = _StepSocket
+            else:  # TLS: only a limit on each send()
+                _set_send_timeout(conn.sock, self.send_timeout)
             conn.send_timeout_set = True
         seconds = self.header_timeout
         if not (conn.initialized or conn.data_ready):
@@ -66,9 +136,10 @@ class ThreadWorker(gthread.ThreadWorker):
             return False  # answered 408 already, while the last header came in: close
         try:
             return super().handle_request(req, conn)
-        except BlockingIOError:  # SO_SNDTIMEO, above
-            log.info("the answer to %s: nothing of it taken for %gs (AGGREGATOR_SEND_TIMEOUT), "
-                     "closed", _address(conn.client), self.send_timeout)
+        except BlockingIOError:  # _StepSocket.sendall, or SO_SNDTIMEO on TLS
+            log.info("the answer to %s: a %d KiB step of it not taken in %gs "
+                     "(AGGREGATOR_SEND_TIMEOUT), closed", _address(conn.client),
+                     _SEND_STEP // 1024, self.send_timeout)
             return False
 
     def _answer_late(self, sock: socket.socket) -> None:

@@ -157,12 +157,12 @@ def write_lock_held_outside(db):
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def stalled_reader(port: int, target: str) -> socket.socket:
-    """Send GET target from a socket with a 4 KiB receive buffer on 127.0.0.1:port, and
-    return it: the caller reads at most the head of the answer, then nothing."""
+def raw_get(port: int, target: str, receive_buffer: int = 4096) -> socket.socket:
+    """Send GET target from a socket with a small receive buffer on 127.0.0.1:port, and
+    return it: the caller reads the answer at its own pace, or not at all."""
     sock = socket.socket()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.settimeout(30)
         sock.connect(("127.0.0.1", port))
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

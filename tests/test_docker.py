@@ -16,7 +16,7 @@ import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
-from tests.helpers import ROOT, event, free_port, stalled_reader, wait_for
+from tests.helpers import ROOT, event, free_port, raw_get, wait_for
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
@@ -347,7 +347,7 @@ def test_cluster_nginx_takes_whole_answers_so_a_stalled_reader_holds_no_replica(
     readers = []
     try:
         for _ in range(2):
-            readers.append(stalled_reader(cluster.port, "/events?limit=1000"))
+            readers.append(raw_get(cluster.port, "/events?limit=1000"))
             head = readers[-1].recv(4096)  # and nothing more
             assert head.startswith(b"HTTP/1.1 200"), head[:300]
             assert int(re.search(rb"Content-Length: (\d+)", head)[1]) > 40_000_000

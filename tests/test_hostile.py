@@ -3,9 +3,11 @@ interleavings, deep nesting, markup in every field. Never a 5xx, never a wrong c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -20,7 +22,7 @@ from app.deadlines import Watcher
 from tests.helpers import (
     assert_counters_match_the_table,
     event,
-    stalled_reader,
+    raw_get,
     table_keys,
     wait_for,
 )
@@ -226,28 +228,76 @@ def test_headers_that_stop_or_trickle_free_their_thread_with_a_408(gunicorn, db)
     assert "Traceback" not in log
 
 
+def publish_large_events(server, count: int) -> None:
+    """Store count events of 16 KB payloads (a 16 MB /events page for 1000)."""
+    for start in range(0, count, 250):
+        batch = [event(f"big-{n}", payload={"x": "y" * 16_000})
+                 for n in range(start, min(start + 250, count))]
+        assert requests.post(server.url + "/publish", json=batch, timeout=60).status_code == 200
+
+
 def test_a_client_that_reads_nothing_of_its_answer_frees_the_thread(gunicorn, db):
     """gunicorn writes an answer with a blocking sendall() and no timeout: a client that
     took nothing of a large one held the thread for as long as the connection lived. With
     2 threads, 2 such clients of a 16 MB page made /health wait for good (more than the
-    kernel's buffers hold, with the client's receive buffer at 4 KiB)."""
-    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "2",
+    kernel's buffers hold, with the client's receive buffer at 4 KiB). Counting what the
+    kernel queued as taken, they were let go only after about 3 times the limit."""
+    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "3",
                                                  "AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)})
-    for part in range(4):
-        batch = [event(f"big-{part}-{i}", payload={"x": "y" * 16_000}) for i in range(250)]
-        assert requests.post(server.url + "/publish", json=batch, timeout=60).status_code == 200
+    publish_large_events(server, 1000)
     readers = []
     try:
+        started = time.monotonic()
         for _ in range(2):
-            readers.append(stalled_reader(server.port, "/events?limit=1000"))
+            readers.append(raw_get(server.port, "/events?limit=1000"))
         time.sleep(1)
         assert requests.get(server.url + "/health", timeout=20).status_code == 200
         wait_for(lambda: server.log_path.read_text().count(
-            "(AGGREGATOR_SEND_TIMEOUT), closed") == 2, 20, "both answers given up")
+            "(AGGREGATOR_SEND_TIMEOUT), closed") == 2, 20, "both answers given up", 0.1)
+        assert time.monotonic() - started < 6.5  # 3 s and a little; 9 s counting the queued
     finally:
         for sock in readers:
             sock.close()
     assert "Traceback" not in server.log_path.read_text()
+
+
+def test_a_client_that_reads_too_slowly_is_let_go(gunicorn, db):
+    """A client must take 64 KiB of an answer every AGGREGATOR_SEND_TIMEOUT seconds. With a
+    limit on each send() alone, one that read 2 KiB a second held its thread for good: each
+    read let a little more of the answer through, and that was progress."""
+    server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "3",
+                                                 "AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)})
+    publish_large_events(server, 1000)
+    started, taken = time.monotonic(), 0
+    with contextlib.closing(raw_get(server.port, "/events?limit=1000")) as sock:
+        while "(AGGREGATOR_SEND_TIMEOUT), closed" not in server.log_path.read_text():
+            assert time.monotonic() - started < 20, "the slow reader still holds its thread"
+            taken += len(sock.recv(2048))
+            time.sleep(1)
+    assert 0 < taken < 64 * 1024
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_a_client_that_keeps_reading_gets_a_large_answer_whole(gunicorn, db):
+    """The limit is on each 64 KiB taken, not on the whole answer: a 4 MB page, read into a
+    64 KiB receive buffer every 0.1 s, takes longer than AGGREGATOR_SEND_TIMEOUT=1 and
+    arrives whole."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_SEND_TIMEOUT": "1"})
+    publish_large_events(server, 250)
+    started, answer = time.monotonic(), b""
+    with contextlib.closing(raw_get(server.port, "/events?limit=250", 65536)) as sock:
+        while True:
+            part = sock.recv(1 << 20)
+            assert part, f"the answer ended after {len(answer)} bytes"
+            answer += part
+            head, ended, body = answer.partition(b"\r\n\r\n")
+            if ended and len(body) >= int(re.search(rb"Content-Length: (\d+)", head)[1]):
+                break
+            time.sleep(0.1)
+    assert time.monotonic() - started > 2  # else this proves nothing
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(json.loads(body)["events"]) == 250
+    assert "AGGREGATOR_SEND_TIMEOUT" not in server.log_path.read_text()
 
 
 def test_a_body_that_trickles_ends_with_a_408(gunicorn, db):
