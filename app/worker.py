@@ -93,8 +93,9 @@ class _StepSocket(socket.socket):
                     return
                 if time.monotonic() < deadline:
                     continue  # a signal cut the send() short
-                # What was queued before this call and is acknowledged now counts as taken,
-                # so this errs, by at most that much (the headers), on the strict side.
+                # Bytes queued before this call (the headers; with pipelined requests, what
+                # is left of the previous answer) and acknowledged since do not count: this
+                # errs, by that much, on the strict side.
                 taken = sent - _unacknowledged(self)
                 if taken - taken_before < _SEND_STEP:
                     raise BlockingIOError(errno.EAGAIN, "the client took too little in time")
