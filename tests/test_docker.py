@@ -334,8 +334,8 @@ def test_cluster_nginx_takes_whole_answers_so_a_stalled_reader_holds_no_replica(
         big_page_cluster):
     """With `proxy_buffering off`, nginx read a replica's answer only as fast as its client
     took it: a client that read nothing of a 40 MB page kept the replica's connection, and
-    its thread, for as long as its kernel let a few bytes through now and then. nginx now
-    takes the whole answer at once (into a temporary file) and the replica is free."""
+    its thread, until the replica's own send limit let go. nginx now takes the whole answer
+    at once (into a temporary file) and the replica is free."""
     cluster = big_page_cluster
     up = cluster("up", "--build", "-d", *CLUSTER)
     assert up.returncode == 0, up.stderr[-3000:]
