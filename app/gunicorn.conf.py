@@ -134,6 +134,12 @@ def on_starting(server):
     from app.metrics import prepare_multiprocess_dir
     from app.store import StoreError, wait_for_database
 
+    if server.cfg.is_ssl:
+        # app/worker.py ends slow clients by their plain socket: on a TLS one, a client
+        # stalled in its handshake or headers held its thread for good.
+        sys.exit("aggregator: gunicorn's own TLS (--certfile, --keyfile) is not supported: "
+                 "the limits on slow clients work on plain connections only; terminate TLS "
+                 "in a reverse proxy in front")
     # Ctrl-C stops the server as SIGTERM does (see post_worker_init).
     server.handle_int = server.handle_term
     # The workers share this directory: metric samples, and the last failed commit.

@@ -18,7 +18,9 @@ kernel acknowledge) _SEND_STEP of an answer every AGGREGATOR_SEND_TIMEOUT second
 each step of a body must arrive within AGGREGATOR_BODY_TIMEOUT: let go after 2.2, 5.2
 and 20.4 s.
 
-HTTP/1 only, as served here: gunicorn's HTTP/2 needs the h2 library, which
+Plain connections only: gunicorn.conf.py refuses gunicorn's own TLS, whose socket is
+made in gunicorn's handle(), after these limits are set on the plain one. HTTP/1 only, as
+served here: gunicorn's HTTP/2 needs the h2 library, which
 requirements.txt does not install. (Were it enabled, handle_http2 would have to cancel
 the deadline, or the watcher would end a long-lived HTTP/2 connection.)
 """
@@ -113,10 +115,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def handle(self, conn):
         if not getattr(conn, "send_timeout_set", False):
-            if type(conn.sock) is socket.socket:
-                conn.sock.__class__ = _StepSocket
-            else:  # TLS: only a limit on each send()
-                _set_send_timeout(conn.sock, self.send_timeout)
+            conn.sock.__class__ = _StepSocket
             conn.send_timeout_set = True
         seconds = self.header_timeout
         if not (conn.initialized or conn.data_ready):
@@ -137,7 +136,7 @@ class ThreadWorker(gthread.ThreadWorker):
             return False  # answered 408 already, while the last header came in: close
         try:
             return super().handle_request(req, conn)
-        except BlockingIOError:  # _StepSocket.sendall, or SO_SNDTIMEO on TLS
+        except BlockingIOError:  # _StepSocket.sendall
             log.info("the answer to %s: a %d KiB step of it not taken in %gs "
                      "(AGGREGATOR_SEND_TIMEOUT), closed", _address(conn.client),
                      _SEND_STEP // 1024, self.send_timeout)
@@ -146,8 +145,6 @@ class ThreadWorker(gthread.ThreadWorker):
     def _answer_late(self, sock: socket.socket) -> None:
         """Write the 408 of a request whose headers are late (called by the watcher while
         the reader is blocked in recv: must not block)."""
-        if self.cfg.is_ssl:
-            return  # plain bytes on a TLS connection would be garbage: only close it
         sock.send(raw_error(408, "Request Timeout", "The request line and headers did not "
                             f"arrive within {self.header_timeout:g} s "
                             "(AGGREGATOR_HEADER_TIMEOUT).", code="header_timeout"),

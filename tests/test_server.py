@@ -208,6 +208,20 @@ def test_start_gives_up_on_a_database_that_never_answers_with_one_line(tmp_path)
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_gunicorns_own_tls_is_refused_at_start_with_one_line(tmp_path):
+    """The worker's limits on slow clients act on the plain socket, which gunicorn wraps in
+    TLS later: with --certfile, 2 clients stalled in their headers held both threads and
+    /health waited 30 s and more, with AGGREGATOR_HEADER_TIMEOUT=2."""
+    result = gunicorn_that_exits(
+        tmp_path, f"127.0.0.1:{free_port()}",
+        GUNICORN_CMD_ARGS=f"--certfile {tmp_path}/cert.pem --keyfile {tmp_path}/key.pem")
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["aggregator: gunicorn's own TLS (--certfile, --keyfile) is not supported: "
+                     "the limits on slow clients work on plain connections only; terminate "
+                     "TLS in a reverse proxy in front"], result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_port_in_use_stops_startup_and_leaves_no_temporary_files(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
