@@ -114,9 +114,8 @@ class ThreadWorker(gthread.ThreadWorker):
         super().init_process()
 
     def handle(self, conn):
-        if not getattr(conn, "send_timeout_set", False):
+        if type(conn.sock) is not _StepSocket:  # a new connection
             conn.sock.__class__ = _StepSocket
-            conn.send_timeout_set = True
         seconds = self.header_timeout
         if not (conn.initialized or conn.data_ready):
             # gunicorn first waits this long in the thread for a new connection's first
