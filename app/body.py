@@ -12,14 +12,11 @@ from contextlib import contextmanager
 from flask import Request
 from werkzeug.exceptions import ClientDisconnected
 
-from .deadlines import WATCHER
+from .deadlines import STEP, WATCHER
 from .errors import APIError
 
 JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
-# A body is read in steps of this size, each due within AGGREGATOR_BODY_TIMEOUT: 64 KiB a
-# minute by default, about 1 KiB/s, the floor a sender on the slowest link stays above.
-_BODY_STEP = 64 * 1024
 # How long a request waits for room in the body budget before its 429.
 BUDGET_WAIT_SECONDS = 5.0
 
@@ -34,7 +31,7 @@ def _too_large(limit: int) -> APIError:
 
 def _read_raw(request: Request, limit: int, step_timeout: float) -> bytes:
     """Read at most limit bytes of the body (chunked or not), refusing more, and giving up
-    when a step of the body (_BODY_STEP bytes, or the rest) takes more than step_timeout
+    when a step of the body (STEP bytes, or the rest) takes more than step_timeout
     seconds.
 
     gunicorn's threads read a body from a blocking socket with no timeout: a client that
@@ -47,7 +44,7 @@ def _read_raw(request: Request, limit: int, step_timeout: float) -> bytes:
     stream, parts, size, failure = request.stream, [], 0, None
     try:
         while True:
-            part = stream.read(min(_BODY_STEP, limit + 1 - size))
+            part = stream.read(min(STEP, limit + 1 - size))
             if not part:
                 break
             parts.append(part)
@@ -68,7 +65,7 @@ def _read_raw(request: Request, limit: int, step_timeout: float) -> bytes:
     finally:
         late = deadline is not None and not deadline.cancel()
     if late:  # the watcher ended the read: whatever came short or broke came from that
-        raise APIError(408, "body_timeout", f"The body stopped coming: {_BODY_STEP // 1024} "
+        raise APIError(408, "body_timeout", f"The body stopped coming: {STEP // 1024} "
                        f"KiB of it (or the rest) took more than {step_timeout:g} s "
                        "(AGGREGATOR_BODY_TIMEOUT); nothing was stored.")
     if failure is not None:
@@ -196,7 +193,7 @@ def _encoding(request: Request) -> str:
 
 def read_body(request: Request, *, max_body: int, step_timeout: float) -> bytes:
     """Return the body of a request check_headers accepted, decompressed, or raise
-    APIError (step_timeout: seconds each _BODY_STEP bytes may take before a 408)."""
+    APIError (step_timeout: seconds each STEP bytes may take before a 408)."""
     data = _read_raw(request, max_body, step_timeout)
     if _encoding(request) != "identity":
         data = _gunzip(data, max_body)

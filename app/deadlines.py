@@ -23,6 +23,11 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+# The progress a slow client must make within each limit, sending a body (within
+# AGGREGATOR_BODY_TIMEOUT) or taking an answer (AGGREGATOR_SEND_TIMEOUT): 64 KiB a minute
+# by default, about 1 KiB/s, the floor a client on the slowest link stays above.
+STEP = 64 * 1024
+
 
 class Deadline:
     """One socket's read, due within seconds of its start or of its last renew()."""

@@ -14,15 +14,15 @@ kernel's SO_SNDTIMEO, the previous fix) fell short: a send() counts as progress 
 it queues in the kernel's send buffer, which kept growing in front of a client that read
 nothing (2.8 MB in the first 5 s, then 184 KB every 5 s), so such a client was let go
 after 6.2, 15.4 and 63.1 s with limits of 2, 5 and 20 s. Now the client must take (its
-kernel acknowledge) _SEND_STEP of an answer every AGGREGATOR_SEND_TIMEOUT seconds, as
+kernel acknowledge) STEP of an answer every AGGREGATOR_SEND_TIMEOUT seconds, as
 each step of a body must arrive within AGGREGATOR_BODY_TIMEOUT: let go after 2.2, 5.2
 and 20.4 s.
 
 Plain connections only: gunicorn.conf.py refuses gunicorn's own TLS, whose socket is
 made in gunicorn's handle(), after these limits are set on the plain one. HTTP/1 only, as
-served here: gunicorn's HTTP/2 needs the h2 library, which
-requirements.txt does not install. (Were it enabled, handle_http2 would have to cancel
-the deadline, or the watcher would end a long-lived HTTP/2 connection.)
+served here: gunicorn's HTTP/2 needs the h2 library, which requirements.txt does not
+install. (Were it enabled, handle_http2 would have to cancel the deadline, or the watcher
+would end a long-lived HTTP/2 connection.)
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ import time
 from gunicorn.workers import gthread
 
 from .config import from_env
-from .deadlines import WATCHER
+from .deadlines import STEP, WATCHER
 from .errors import raw_error
 
 log = logging.getLogger(__name__)
 
-_SEND_STEP = 64 * 1024  # as app/body.py's _BODY_STEP
 _SIOCOUTQ = termios.TIOCOUTQ if sys.platform == "linux" else None  # the same ioctl on Linux
 
 
@@ -70,7 +69,7 @@ def _unacknowledged(sock: socket.socket) -> int:
 
 class _StepSocket(socket.socket):
     """A plain connection socket whose sendall() fails (BlockingIOError) when the client has
-    taken less than _SEND_STEP of it in step_timeout seconds.
+    taken less than STEP of it in step_timeout seconds.
 
     Taken means acknowledged by the client's kernel: bytes that send() queued in ours do not
     count, since a send buffer of megabytes fills up in front of a client that reads
@@ -99,7 +98,7 @@ class _StepSocket(socket.socket):
                 # is left of the previous answer) and acknowledged since do not count: this
                 # errs, by that much, on the strict side.
                 taken = sent - _unacknowledged(self)
-                if taken - taken_before < _SEND_STEP:
+                if taken - taken_before < STEP:
                     raise BlockingIOError(errno.EAGAIN, "the client took too little in time")
                 taken_before, deadline = taken, time.monotonic() + self.step_timeout
 
@@ -138,7 +137,7 @@ class ThreadWorker(gthread.ThreadWorker):
         except BlockingIOError:  # _StepSocket.sendall
             log.info("the answer to %s: a %d KiB step of it not taken in %gs "
                      "(AGGREGATOR_SEND_TIMEOUT), closed", _address(conn.client),
-                     _SEND_STEP // 1024, self.send_timeout)
+                     STEP // 1024, self.send_timeout)
             return False
 
     def _answer_late(self, sock: socket.socket) -> None:
