@@ -157,6 +157,16 @@ def write_lock_held_outside(db):
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def publish_large_events(url: str, count: int, size: int = 16_000) -> None:
+    """Store count events whose payloads take size bytes each (a 16 MB /events page for
+    1000 of the default size), in batches of 250."""
+    for start in range(0, count, 250):
+        batch = [event(f"big-{n}", payload={"x": "y" * size})
+                 for n in range(start, min(start + 250, count))]
+        answer = requests.post(url + "/publish", json=batch, timeout=120)
+        assert answer.status_code == 200, answer.text
+
+
 def raw_get(port: int, target: str, receive_buffer: int = 4096) -> socket.socket:
     """Send GET target from a socket with a small receive buffer on 127.0.0.1:port, and
     return it: the caller reads the answer at its own pace, or not at all."""

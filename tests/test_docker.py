@@ -16,7 +16,7 @@ import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
-from tests.helpers import ROOT, event, free_port, raw_get, wait_for
+from tests.helpers import ROOT, free_port, publish_large_events, raw_get, wait_for
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
@@ -340,10 +340,7 @@ def test_cluster_nginx_takes_whole_answers_so_a_stalled_reader_holds_no_replica(
     up = cluster("up", "--build", "-d", *CLUSTER)
     assert up.returncode == 0, up.stderr[-3000:]
     wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the cluster to be healthy")
-    for part in range(4):
-        batch = [event(f"big-{part}-{n}", payload={"pad": "x" * 40_000}) for n in range(250)]
-        answer = requests.post(cluster.url + "/publish", json=batch, timeout=120)
-        assert answer.status_code == 200, answer.text
+    publish_large_events(cluster.url, 1000, 40_000)
     readers = []
     try:
         for _ in range(2):

@@ -22,6 +22,7 @@ from app.deadlines import Watcher
 from tests.helpers import (
     assert_counters_match_the_table,
     event,
+    publish_large_events,
     raw_get,
     table_keys,
     wait_for,
@@ -228,14 +229,6 @@ def test_headers_that_stop_or_trickle_free_their_thread_with_a_408(gunicorn, db)
     assert "Traceback" not in log
 
 
-def publish_large_events(server, count: int) -> None:
-    """Store count events of 16 KB payloads (a 16 MB /events page for 1000)."""
-    for start in range(0, count, 250):
-        batch = [event(f"big-{n}", payload={"x": "y" * 16_000})
-                 for n in range(start, min(start + 250, count))]
-        assert requests.post(server.url + "/publish", json=batch, timeout=60).status_code == 200
-
-
 def test_a_client_that_reads_nothing_of_its_answer_frees_the_thread(gunicorn, db):
     """gunicorn writes an answer with a blocking sendall() and no timeout: a client that
     took nothing of a large one held the thread for as long as the connection lived. With
@@ -244,7 +237,7 @@ def test_a_client_that_reads_nothing_of_its_answer_frees_the_thread(gunicorn, db
     kernel queued as taken, they were let go only after about 3 times the limit."""
     server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "3",
                                                  "AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)})
-    publish_large_events(server, 1000)
+    publish_large_events(server.url, 1000)
     readers = []
     try:
         started = time.monotonic()
@@ -267,7 +260,7 @@ def test_a_client_that_reads_too_slowly_is_let_go(gunicorn, db):
     read let a little more of the answer through, and that was progress."""
     server = gunicorn(workers=1, threads=2, env={"AGGREGATOR_SEND_TIMEOUT": "3",
                                                  "AGGREGATOR_MAX_PAGE_BYTES": str(64 << 20)})
-    publish_large_events(server, 1000)
+    publish_large_events(server.url, 1000)
     started, taken = time.monotonic(), 0
     with contextlib.closing(raw_get(server.port, "/events?limit=1000")) as sock:
         while "(AGGREGATOR_SEND_TIMEOUT), closed" not in server.log_path.read_text():
@@ -283,7 +276,7 @@ def test_a_client_that_keeps_reading_gets_a_large_answer_whole(gunicorn, db):
     64 KiB receive buffer every 0.1 s, takes longer than AGGREGATOR_SEND_TIMEOUT=1 and
     arrives whole."""
     server = gunicorn(workers=1, env={"AGGREGATOR_SEND_TIMEOUT": "1"})
-    publish_large_events(server, 250)
+    publish_large_events(server.url, 250)
     started, answer = time.monotonic(), b""
     with contextlib.closing(raw_get(server.port, "/events?limit=250", 65536)) as sock:
         while True:
