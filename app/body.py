@@ -102,6 +102,11 @@ def _gunzip(data: bytes, limit: int) -> bytes:
 
 
 def _loads(text: str, where: str = "") -> object:
+    # RFC 8259 (8.1) lets a parser ignore a byte order mark. Windows tools write one at the
+    # start of UTF-8 files (PowerShell 5's `Out-File -Encoding UTF8`, Notepad before 2019),
+    # and shippers send such files, or concatenations of them, whole or line by line.
+    if text.startswith("\ufeff"):
+        text = text[1:]
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:

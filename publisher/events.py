@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -114,11 +115,14 @@ def file_batches(stream: IO[bytes], batch_size: int,
     def take(line: bytes) -> Batch | None:
         nonlocal number, due
         number += 1
-        line = line.strip()
+        # A byte order mark starts a file that Windows tools wrote, and each part of a
+        # concatenation of such files: it is no part of the event.
+        line = line.removeprefix(codecs.BOM_UTF8).strip()
         if not line:
             return None
         try:
-            if not isinstance(json.loads(line), dict):
+            # As the aggregator reads it: UTF-8 (json.loads would take UTF-16 bytes too).
+            if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             bad_line(number, line, f"not a JSON event object ({exc})")

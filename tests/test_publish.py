@@ -73,6 +73,24 @@ def test_every_body_form_is_accepted(client, db, form):
     assert sorted(k for _, k in table_keys(db)) == [e["event_id"] for e in events]
 
 
+@pytest.mark.parametrize("form", ["json", "ndjson", "concatenated ndjson files"])
+def test_a_byte_order_mark_before_a_json_text_is_ignored(client, db, form):
+    """RFC 8259 lets a parser ignore one, and Windows tools start UTF-8 files with one."""
+    events = [event("a"), event("b")]
+    if form == "json":
+        body, ctype = "\ufeff" + json.dumps(events), "application/json"
+    elif form == "ndjson":
+        body = "\ufeff" + "".join(json.dumps(e) + "\r\n" for e in events)
+        ctype = "application/x-ndjson"
+    else:
+        body = "".join("\ufeff" + json.dumps(e) + "\r\n" for e in events)
+        ctype = "application/x-ndjson"
+    response = publish(client, body.encode(), ctype)
+    assert response.status_code == 200, response.json
+    assert response.json["unique_processed"] == 2
+    assert sorted(k for _, k in table_keys(db)) == ["a", "b"]
+
+
 def test_empty_batch_is_a_200_with_zeros(client):
     for body in ([], {"events": []}):
         response = publish(client, body)
@@ -171,6 +189,8 @@ WHOLE_REQUEST_ERRORS = [
     ("truncated gzip", gzip.compress(b"[]" * 1000)[:-12], "application/json",
      {"Content-Encoding": "gzip"}, 400, "bad_gzip"),
     ("body a number", b"42", "application/json", {}, 400, "bad_body"),
+    ("byte order mark inside", "[\ufeff{}]".encode(), "application/json", {}, 400,
+     "malformed_json"),
     ("events not a list", b'{"events": {"a": 1}}', "application/json", {}, 400, "bad_body"),
     ("bad NDJSON line", b'{"a": 1}\n{oops\n', "application/x-ndjson", {}, 400,
      "malformed_json"),

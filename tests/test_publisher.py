@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from publisher.events import file_batches
 from tests.helpers import (
     ROOT,
     GunicornServer,
@@ -218,6 +220,37 @@ def test_file_replay_reports_rejects_and_exits_1(gunicorn, tmp_path, db):
     assert sorted(r["line"] for r in refused) == [4, 8]
     assert any("timestamp" in r["errors"] for r in refused if r["line"] == 4)
     assert len(table_keys(db)) == 8
+
+
+def test_file_replay_of_windows_files_drops_their_byte_order_marks(gunicorn, tmp_path, db):
+    """Two UTF-8 files written on Windows (a byte order mark first, CRLF line ends) and
+    concatenated are sent whole; a UTF-16 line is refused by line number, not sent."""
+    server = gunicorn()
+    source = tmp_path / "windows.ndjson"
+    part = "\r\n".join(json.dumps(event(f"w{i}")) for i in range(3)) + "\r\n"
+    utf16 = json.dumps(event("w16")).encode("utf-16-le")
+    source.write_bytes(codecs.BOM_UTF8 + part.encode() + codecs.BOM_UTF8
+                       + part.replace('"w', '"v').encode() + utf16 + b"\r\n")
+    rejects = tmp_path / "rejects.ndjson"
+    result = run_publisher("--url", server.url, "--file", str(source), "--rejects",
+                           str(rejects), "--json")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["rejected"], summary["failed"]) == (6, 1, 0)
+    assert sorted(k for _, k in table_keys(db)) == ["v0", "v1", "v2", "w0", "w1", "w2"]
+    (refused,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert refused["line"] == 7 and "not a JSON event object" in refused["errors"]
+
+
+def test_file_batches_send_no_byte_order_mark(tmp_path):
+    """What the publisher sends of a file lacks the marks, whatever the aggregator would
+    make of them."""
+    source = tmp_path / "marked.ndjson"
+    source.write_bytes(codecs.BOM_UTF8 + b'{"n": 1}\n' + codecs.BOM_UTF8 + b'{"n": 2}\n'
+                       + codecs.BOM_UTF8 + b"\n")
+    with source.open("rb") as stream:
+        batches = [b for b in file_batches(stream, 10, pytest.fail) if b is not None]
+    assert [b.body for b in batches] == [b'{"n": 1}\n{"n": 2}']
 
 
 def test_file_replay_of_50000_lines_stays_under_100_mb(gunicorn, tmp_path):
