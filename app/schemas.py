@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, validate
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, pre_load, validate
 
 from .logs import utc_text
 from .store.base import Batch, Row
@@ -275,6 +275,18 @@ class EventsQuerySchema(Schema):
                        "past AGGREGATOR_MAX_PAGE_BYTES (4 MiB) of them, with a next_cursor"})
     after = Cursor(metadata={"description": "next_cursor of the previous page"})
     order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
+
+    @pre_load
+    def _each_once(self, data, **kwargs):
+        """Refuse a parameter given twice (topic=a&topic=b): values are not combined, and
+        answering for one of them would answer another question than the one asked."""
+        if hasattr(data, "lists"):  # a query string's MultiDict
+            repeated = {name: ["Given more than once; give it once (values are not combined)."]
+                        for name, values in data.lists() if name in self.fields
+                        and len(values) > 1}
+            if repeated:
+                raise ValidationError(repeated)
+        return data
 
 
 class _Column(fields.Field):

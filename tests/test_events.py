@@ -215,6 +215,19 @@ def test_bad_query_parameter_is_400_naming_it(client, param, value):
     assert param in response.json["message"] and param in response.json["errors"]
 
 
+@pytest.mark.parametrize("param,values", [
+    ("topic", ["orders", "payments"]), ("limit", ["1", "1"]), ("order", ["asc", "desc"]),
+])
+def test_a_query_parameter_given_twice_is_400_naming_it(client, filled, param, values):
+    """topic=a&topic=b is not both topics, and answering for one of them would be silently
+    wrong; an unknown parameter given twice is ignored, like any unknown one."""
+    response = client.get(f"/events?{param}={values[0]}&{param}={values[1]}&x=1&x=2")
+    assert response.status_code == 400
+    assert response.json["error"] == "bad_query"
+    assert list(response.json["errors"]) == [param]
+    assert "more than once" in response.json["errors"][param][0]
+
+
 @settings(max_examples=300, deadline=None)
 @given(cursor=st.from_regex(CURSOR_PATTERN, fullmatch=True))
 def test_every_cursor_the_document_allows_decodes_to_a_sqlite_integer(cursor):
