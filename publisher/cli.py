@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
@@ -26,6 +27,21 @@ FATAL_STATUSES = {401: "unauthorized: check --token", 403: "forbidden",
 SHOWN_REJECTS = 5
 LOG_EVERY_SECONDS = 5.0
 DEFAULT_WAIT = 30.0
+
+
+def _url(text: str) -> str:
+    """An http:// or https:// URL with a host. Without this, `--url localhost:8080` was
+    tried for the whole --wait, then failed with "No connection adapters were found"."""
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # not a number, or not in 0..65535
+        port_ok = False
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// or https:// URL with a host, such as "
+            "http://127.0.0.1:8080")
+    return text.strip()
 
 
 def _positive(text: str) -> int:
@@ -86,7 +102,7 @@ _topics.__name__ = "topic list"
 
 # option -> (environment variable, default, type, help)
 OPTIONS = {
-    "--url": ("PUBLISHER_URL", "http://127.0.0.1:8080", str, "aggregator base URL"),
+    "--url": ("PUBLISHER_URL", "http://127.0.0.1:8080", _url, "aggregator base URL"),
     "--events": ("PUBLISHER_EVENTS", "5000", _non_negative, "unique events to generate"),
     "--duplicate-rate": ("PUBLISHER_DUPLICATE_RATE", "0.2", _rate,
                          "re-sends per unique event (0.2 sends 1.2 x events in all)"),

@@ -191,6 +191,19 @@ def test_bad_arguments_exit_2(tmp_path):
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
 
+@pytest.mark.parametrize("url", ["localhost:8080", "ftp://127.0.0.1:8080", "http://",
+                                 "http://127.0.0.1:80800", "http://127.0.0.1:port"])
+def test_a_url_that_is_not_http_exits_2_at_once_naming_it(url):
+    """Not after waiting for /health for --wait seconds, with requests' own words."""
+    start = time.monotonic()
+    for result in (run_publisher("--url", url, "--wait", "10", timeout=60),
+                   run_publisher("--wait", "10", PUBLISHER_URL=url, timeout=60)):
+        assert result.returncode == 2
+        line = result.stderr.strip().splitlines()[-1]
+        assert "--url" in line and repr(url) in line and "http://127.0.0.1:8080" in line
+    assert time.monotonic() - start < 10
+
+
 def test_every_option_can_come_from_the_environment(gunicorn):
     server = gunicorn()
     result = run_publisher(PUBLISHER_URL=server.url, PUBLISHER_EVENTS="400",
