@@ -14,7 +14,7 @@ from .errors import APIError
 _CHALLENGE = 'Bearer realm="aggregator"'
 # A browser cannot send a bearer token, but it asks for a password on a Basic challenge:
 # any user name, the token as password.
-_READ_CHALLENGES = [_CHALLENGE, 'Basic realm="aggregator", charset="UTF-8"']
+_BASIC_CHALLENGE = 'Basic realm="aggregator", charset="UTF-8"'
 
 
 def _presented() -> bytes:
@@ -37,13 +37,22 @@ def _matches(given: bytes, token: str | None) -> bool:
     return token is not None and hmac.compare_digest(given, token.encode())
 
 
+def _refusal(given: bytes, send: str, *, basic: bool = False) -> APIError:
+    """A 401 that tells a missing token from a wrong one: "send one", or, for a token that
+    came and is not valid, that (and error="invalid_token" in the challenge, RFC 6750)."""
+    bearer = _CHALLENGE + (', error="invalid_token"' if given else "")
+    message = "The token sent is not valid here." if given else send
+    return APIError(401, "unauthorized", message,
+                    headers={"WWW-Authenticate": [bearer, _BASIC_CHALLENGE] if basic else bearer})
+
+
 def require_write(config: Config) -> None:
     """Refuse with 401 unless the request carries the publish token (when one is set)."""
     if config.api_token is None:
         return
-    if not _matches(_presented(), config.api_token):
-        raise APIError(401, "unauthorized", "Send Authorization: Bearer <token>.",
-                       headers={"WWW-Authenticate": _CHALLENGE})
+    given = _presented()
+    if not _matches(given, config.api_token):
+        raise _refusal(given, "Send Authorization: Bearer <token>.")
 
 
 def require_read(config: Config) -> None:
@@ -55,6 +64,5 @@ def require_read(config: Config) -> None:
         return
     given = _presented()
     if not (_matches(given, config.read_token) or _matches(given, config.api_token)):
-        raise APIError(401, "unauthorized",
-                       "Send Authorization: Bearer <read token> (or the token as a Basic "
-                       "password).", headers={"WWW-Authenticate": _READ_CHALLENGES})
+        raise _refusal(given, "Send Authorization: Bearer <read token> (or the token as a "
+                       "Basic password).", basic=True)

@@ -59,6 +59,21 @@ def test_the_read_token_cannot_publish(guarded, db):
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("method,path", [("post", "/publish"), ("get", "/events")])
+def test_a_wrong_token_is_told_from_a_missing_one(guarded, method, path):
+    """RFC 6750: a token that came and is not valid gets error="invalid_token"; a request
+    with none is asked for one. "Send a token" to a client that sent one misleads."""
+    send = getattr(guarded, method)
+    missing = send(path, json=[])
+    wrong = send(path, json=[], headers={"Authorization": "Bearer nope"})
+    assert missing.status_code == wrong.status_code == 401
+    assert "Send Authorization" in missing.json["message"]
+    assert "not valid" in wrong.json["message"] and "Send" not in wrong.json["message"]
+    bearer = [c for c in wrong.headers.getlist("WWW-Authenticate") if c.startswith("Bearer")]
+    assert bearer == ['Bearer realm="aggregator", error="invalid_token"']
+    assert all("error=" not in c for c in missing.headers.getlist("WWW-Authenticate"))
+
+
 def test_reads_stay_open_when_only_the_publish_token_is_set(make_app):
     client = make_app(api_token="write-tok").test_client()
     for path in READS:
