@@ -57,6 +57,10 @@ def configure() -> None:
     root.setLevel(logging.INFO)
 
 
+# The reads whose duration is a metric, by endpoint: the path label.
+_READS = {"api.events": "/events", "api.stats": "/stats"}
+
+
 def _start() -> None:
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
@@ -69,6 +73,9 @@ def _finish(response: Response) -> Response:
     if request.endpoint == "api.publish":
         current_app.extensions["metrics"].publish_seconds.labels(
             str(response.status_code)).observe(duration)
+    elif request.endpoint in _READS:
+        current_app.extensions["metrics"].read_seconds.labels(
+            _READS[request.endpoint], str(response.status_code)).observe(duration)
     # Never the headers (tokens) nor the body (payloads): only what locates the request.
     access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
         "request_id": g.get("request_id"), "method": request.method, "path": request.path,

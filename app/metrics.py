@@ -98,6 +98,10 @@ class Metrics:
         self.publish_seconds = Histogram("aggregator_publish_request_duration_seconds",
                                          "POST /publish duration, by status.", ["status"],
                                          registry=own, buckets=SECOND_BUCKETS)
+        self.read_seconds = Histogram(
+            "aggregator_read_request_duration_seconds",
+            "GET /events (JSON or the page) and GET /stats duration, by path and status.",
+            ["path", "status"], registry=own, buckets=SECOND_BUCKETS)
         self._database = DatabaseCollector(store, version)
         if own is not None:
             own.register(self._database)

@@ -58,6 +58,25 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
         assert held + wait <= samples["aggregator_commit_duration_seconds_sum{}"]
 
 
+def test_reads_are_timed_by_path_and_status(gunicorn):
+    server = gunicorn(workers=2)
+    close = {"Connection": "close"}  # new connections: either worker may answer
+    for params, page in ((["limit=5"] * 4, False), (["limit=0", "since=x"], False),
+                         (["topic=a"], True)):
+        for query in params:
+            headers = {**close, "Accept": "text/html"} if page else close
+            requests.get(f"{server.url}/events?{query}", headers=headers, timeout=10)
+    for _ in range(3):
+        assert requests.get(server.url + "/stats", headers=close, timeout=10).ok
+    samples = scrape(server.url)
+    count = "aggregator_read_request_duration_seconds_count"
+    assert samples[f"{count}{{path=/events,status=200}}"] == 5  # 4 JSON pages, 1 HTML
+    assert samples[f"{count}{{path=/events,status=400}}"] == 2
+    assert samples[f"{count}{{path=/stats,status=200}}"] == 3
+    assert samples["aggregator_read_request_duration_seconds_sum{path=/stats,status=200}"] > 0
+    assert not any(k.startswith(count) and "path=/metrics" in k for k in samples)
+
+
 @pytest.mark.backends("sqlite")
 def test_time_waiting_for_the_write_lock_is_counted(gunicorn, db_path):
     """Another process holds the writers' lock (the flock on <db>.lock) for a second: the
