@@ -215,7 +215,7 @@ class Sender:
                 done, pending = wait(pending, timeout=None if full else 0,
                                      return_when=FIRST_COMPLETED)
                 for future in done:
-                    self._tally(*future.result())
+                    self._tally_all(future.result())
                 if batch is not None:
                     pending.add(pool.submit(self._send, batch))
                 elif self.rejects is not None:
@@ -225,23 +225,40 @@ class Sender:
                     future.cancel()  # queued in the pool, not sent yet
             for future in wait(pending).done:
                 if not future.cancelled():
-                    self._tally(*future.result())
+                    self._tally_all(future.result())
 
-    def _send(self, batch: Batch) -> tuple[Batch, BatchResult | None, str]:
+    def _send(self, batch: Batch) -> list[tuple[Batch, BatchResult | None, str]]:
+        """Send the batch; return (batch, answer, problem) for it, or for each of its parts.
+
+        A batch refused as too large (413: more events or bytes than the aggregator
+        takes) is sent again in halves, down to single events: only an event too large on
+        its own is refused, not the events sent beside it. Nothing of a 413 is stored.
+        """
         if self.fatal:
-            return batch, None, "not sent after a fatal error"
+            return [(batch, None, "not sent after a fatal error")]
         try:
-            return batch, self.publisher.publish(batch.body, batch.content_type), ""
+            result = self.publisher.publish(batch.body, batch.content_type)
         except PublishError as exc:
             if self.summary.interrupted is None:
                 self.fatal = str(exc)
-            return batch, None, str(exc)
+            return [(batch, None, str(exc))]
+        if result.status == 413 and batch.size > 1 and not self.stopped():
+            return [part for half in batch.halves() for part in self._send(half)]
+        return [(batch, result, "")]
+
+    def _tally_all(self, outcomes: list[tuple[Batch, BatchResult | None, str]]) -> None:
+        for outcome in outcomes:
+            self._tally(*outcome)
 
     def _tally(self, batch: Batch, result: BatchResult | None, problem: str) -> None:
         s = self.summary
         s.sent += batch.size if result else 0
         s.batches += 1
-        if result is None or not result.acknowledged:
+        if result is not None and result.status == 413 and batch.size == 1:
+            # Too large on its own (its batch was split): refused, as an invalid event is.
+            s.rejected += 1
+            self._reject(batch, 0, {"_request": [f"HTTP 413: {result.message}"]})
+        elif result is None or not result.acknowledged:
             s.failed += batch.size
             if result is not None:
                 problem = f"HTTP {result.status}: {result.message}"

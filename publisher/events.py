@@ -36,6 +36,19 @@ class Batch:
     lines: list[int] = field(default_factory=list)
     raw: list[bytes] = field(default_factory=list)
 
+    def halves(self) -> tuple[Batch, Batch]:
+        """Return the batch split in two (of at least two events), bodies and all."""
+        middle = self.size // 2
+        if self.raw:  # NDJSON lines of a stream
+            return (Batch(b"\n".join(self.raw[:middle]), self.content_type, middle,
+                          self.lines[:middle], self.raw[:middle]),
+                    Batch(b"\n".join(self.raw[middle:]), self.content_type,
+                          self.size - middle, self.lines[middle:], self.raw[middle:]))
+        events = json.loads(self.body)  # a JSON array of generated events
+        return (Batch(json.dumps(events[:middle]).encode(), self.content_type, middle),
+                Batch(json.dumps(events[middle:]).encode(), self.content_type,
+                      self.size - middle))
+
 
 class EventFactory:
     """Make event number i the same way every time for a given seed."""

@@ -266,6 +266,35 @@ def test_file_batches_send_no_byte_order_mark(tmp_path):
     assert [b.body for b in batches] == [b'{"n": 1}\n{"n": 2}']
 
 
+def test_a_line_too_large_for_the_aggregator_is_refused_alone(gunicorn, tmp_path, db):
+    """Its batch gets a 413 and is sent again in halves: the lines beside it are stored,
+    and it alone is a rejected line (before, the whole batch failed)."""
+    server = gunicorn(env={"AGGREGATOR_MAX_BODY": "50000"})
+    source = tmp_path / "events.ndjson"
+    lines = [json.dumps(event(f"s{i}")) for i in range(10)]
+    lines[5] = json.dumps(event("big", payload={"text": "x" * 60_000}))
+    source.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.ndjson"
+    result = run_publisher("--url", server.url, "--file", str(source), "--batch-size", "4",
+                           "--rejects", str(rejects), "--json")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["rejected"], summary["failed"]) == (9, 1, 0)
+    assert sorted(k for _, k in table_keys(db)) == sorted(f"s{i}" for i in range(10) if i != 5)
+    (refused,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert refused["line"] == 6 and "HTTP 413" in json.dumps(refused["errors"])
+
+
+def test_batches_over_the_aggregators_max_batch_are_split_and_all_delivered(gunicorn, db):
+    server = gunicorn(env={"AGGREGATOR_MAX_BATCH": "100"})
+    result = run_publisher("--url", server.url, "--events", "1000", "--duplicate-rate", "0.1",
+                           "--batch-size", "250", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["unique"], summary["failed"]) == (1100, 1000, 0)
+    assert len(table_keys(db)) == 1000
+
+
 def test_file_replay_of_50000_lines_stays_under_100_mb(gunicorn, tmp_path):
     server = gunicorn()
     source = tmp_path / "big.ndjson"
