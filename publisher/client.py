@@ -17,7 +17,12 @@ WAIT_NOTICE_SECONDS = 10.0
 
 
 class PublishError(Exception):
-    """A batch could not be delivered; the message is one line for the user."""
+    """A batch could not be delivered; the message is one line for the user. status is the
+    HTTP status of a refusal, None when no answer came."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,25 @@ class Publisher:
                   ("received", "unique_processed", "duplicate_dropped", "rejected")}
         return BatchResult(response.status_code, **counts, errors=answer.get("errors") or {},
                            message=answer.get("message") or response.reason or "")
+
+    def events(self, params: dict[str, str]) -> dict:
+        """Return one page of GET /events ({"events": [...], "next_cursor": ...}), retried
+        as a publish is; raise PublishError, with the aggregator's message, otherwise."""
+        try:
+            response = self.session.get(self.url + "/events", params=params,
+                                        timeout=self.timeout,
+                                        headers={"Accept": "application/json"})
+        except requests.RequestException as exc:
+            raise PublishError(f"cannot read from {self.url}: {_reason(exc)}") from None
+        try:
+            page = response.json()
+        except ValueError:
+            page = None
+        if response.status_code != 200 or not isinstance(page, dict):
+            message = page.get("message") if isinstance(page, dict) else None
+            raise PublishError(f"GET /events answered HTTP {response.status_code}: "
+                               f"{message or response.reason}", status=response.status_code)
+        return page
 
     def stats(self) -> dict:
         """Return the aggregator's /stats."""

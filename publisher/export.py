@@ -1,0 +1,179 @@
+"""python -m publisher.export: write the events an aggregator holds as NDJSON lines that
+`python -m publisher --file` sends again: to another aggregator (from SQLite to
+PostgreSQL), or to the same one after a loss (a backup in a portable form)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .cli import _positive, _retries, _url
+from .client import Publisher, PublishError
+
+# What a publisher sends of an event. received_at is the aggregator's own (when it received
+# the event), and /publish refuses it as an unknown field.
+FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
+FILTERS = ("topic", "source", "since", "until")
+MAX_PAGE = 1000  # the aggregator's largest limit
+# Answers that asking again will not change: a bad filter or cursor (400), a missing or
+# wrong token (401, 403), no /events at --url (404, 405).
+REFUSALS = (400, 401, 403, 404, 405)
+
+
+def event_line(event: dict) -> str:
+    """Return the event as one NDJSON line, in the form /publish takes (ASCII: escapes
+    for the rest, whatever the encoding of standard output)."""
+    return json.dumps({name: event[name] for name in FIELDS}, separators=(",", ":")) + "\n"
+
+
+@dataclass
+class Progress:
+    """How far an export got: every event up to `cursor` is written (all, once `done`)."""
+
+    cursor: str | None
+    written: int = 0
+    pages: int = 0
+    done: bool = False
+    error: str | None = None
+    status: int | None = None  # of the refusal that stopped it, if one did
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte to the file descriptor. Not through Python's buffered files: on
+    CPython 3.11, a BufferedWriter blocked on a full pipe lost the rest of its write when
+    a signal came (2 runs in 20; os.write loops, as here, lost nothing in 20)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
+           after: str | None = None, page_size: int = MAX_PAGE,
+           stop: threading.Event | None = None) -> Progress:
+    """Write every event matching the filters to the file descriptor `out`, oldest first,
+    from the one after the cursor `after` (from the start if None), until the end or a
+    stop; never raise PublishError.
+
+    Each page is written whole and flushed before the next is asked for, so `cursor` in
+    the result always names where the events not yet written begin.
+    """
+    stop = stop if stop is not None else threading.Event()
+    progress = Progress(cursor=after)
+    params = {**filters, "limit": str(page_size), "order": "asc"}
+    while not stop.is_set():
+        try:
+            page = publisher.events({**params, "after": progress.cursor} if progress.cursor
+                                    else params)
+        except PublishError as exc:
+            progress.error, progress.status = str(exc), exc.status
+            break
+        write_all(out, "".join(event_line(event) for event in page["events"]).encode())
+        progress.written += len(page["events"])
+        progress.pages += 1
+        if page["next_cursor"] is None:
+            progress.done = True
+            break
+        progress.cursor = page["next_cursor"]
+    return progress
+
+
+def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m publisher.export",
+        description="Write the events an aggregator holds, oldest first, as NDJSON lines "
+                    "that `python -m publisher --file` sends again. Exit status: 0 all "
+                    "written, 1 stopped early (the last line says how to go on; 130 or 143 "
+                    "for Ctrl-C or SIGTERM), 2 bad arguments, filters or token.")
+    parser.add_argument("--url", type=_url,
+                        default=environ.get("PUBLISHER_URL", "http://127.0.0.1:8080"),
+                        help="aggregator base URL [env PUBLISHER_URL]")
+    parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN"),
+                        help="the read token, or the publish token, when the aggregator "
+                             "needs one [env PUBLISHER_TOKEN]")
+    for name in FILTERS:
+        parser.add_argument(f"--{name}", help=f"only events with this {name}, as GET "
+                                              f"/events?{name}= takes it")
+    parser.add_argument("--after", help="go on from this cursor (a stopped export names it); "
+                                        "the output file is then appended to")
+    parser.add_argument("--output", "-o", default="-",
+                        help="the NDJSON file to write (default: standard output)")
+    parser.add_argument("--page-size", type=_positive, default=MAX_PAGE,
+                        help=f"events asked for at once (at most {MAX_PAGE})")
+    parser.add_argument("--retries", type=_retries, default="8",
+                        help="retries per page on connection errors, 408, 429 and "
+                             "502/503/504 ('unlimited': until it answers, or Ctrl-C)")
+    args = parser.parse_args(argv)
+    if args.page_size > MAX_PAGE:
+        parser.error(f"argument --page-size: at most {MAX_PAGE}")
+    return args
+
+
+@contextmanager
+def _stopping_on_signals(stop: threading.Event, publisher: Publisher,
+                         received: list[int]) -> Iterator[None]:
+    """Make a first SIGINT or SIGTERM end the export after the page under way (written
+    whole), a second one at once; the signals are appended to received."""
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+        publisher.stop_retrying()
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run an export; return 0 when every matching event was written, else 1."""
+    args = parse_args(argv, os.environ if environ is None else environ)
+    filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
+    publisher = Publisher(args.url, token=args.token, retries=args.retries)
+    stop, signals = threading.Event(), []
+    start = time.monotonic()
+    try:
+        with _stopping_on_signals(stop, publisher, signals):
+            if args.output == "-":
+                sys.stdout.flush()
+                progress = export(publisher, filters, sys.stdout.fileno(), after=args.after,
+                                  page_size=args.page_size, stop=stop)
+            else:
+                with open(args.output, "ab" if args.after else "wb") as out:
+                    progress = export(publisher, filters, out.fileno(), after=args.after,
+                                      page_size=args.page_size, stop=stop)
+    except OSError as exc:
+        print(f"publisher.export: error: {exc.strerror or exc}: {exc.filename or ''}"
+              .rstrip(": "), file=sys.stderr)
+        return 1
+    finally:
+        publisher.close()
+    where = "standard output" if args.output == "-" else args.output
+    print(f"publisher.export: wrote {progress.written} events ({progress.pages} pages) to "
+          f"{where} in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    if progress.done:
+        return 0
+    if progress.status in REFUSALS:  # going on would not help
+        print(f"publisher.export: error: {progress.error}", file=sys.stderr)
+        return 2
+    why = progress.error or f"stopped by {signal.Signals(signals[0]).name}"
+    again = (f"go on with --after {progress.cursor}" if progress.cursor
+             else "run it again (nothing was written)")
+    print(f"publisher.export: error: {why}; {again}", file=sys.stderr)
+    return 128 + signals[0] if signals else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""python -m publisher.export: an aggregator's events as NDJSON that the publisher replays,
+through real gunicorn servers, a real SQLite file and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import signal
+import subprocess
+import sys
+import termios
+
+import pytest
+import requests
+
+from tests.helpers import ROOT, event, free_port, wait_for
+
+pytestmark = pytest.mark.backends("sqlite")
+
+PAYLOADS = [{}, {"text": "naïve café ☕ 日本語", "emoji": "🦆"}, {"n": -0.0, "big": 2**63 + 1},
+            {"nested": [[1, [2, [3, {"deep": None}]]], {"f": 1.5e-300}]},
+            {"quote": "\"'<script>", "ctl": "a\tb\nc"}]
+
+
+def run(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def stored(url: str) -> list[dict]:
+    """Every event the aggregator holds, in its order, without received_at."""
+    events, after = [], None
+    while True:
+        page = requests.get(url + "/events", timeout=10,
+                            params={"limit": 1000, **({"after": after} if after else {})}).json()
+        events += [{k: v for k, v in e.items() if k != "received_at"} for e in page["events"]]
+        after = page["next_cursor"]
+        if after is None:
+            return events
+
+
+def waiting_bytes(pipe) -> int:
+    """Return how many bytes wait in the pipe, unread (Linux's FIONREAD)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+def publish(url: str, count: int, prefix: str = "e", pad: int = 0, **fields) -> None:
+    """Publish count events over topics a, b, c, with every payload of PAYLOADS in turn
+    (padded with pad characters), each batch with 50 of its events twice."""
+    batch = [event(f"{prefix}{i}", topic=("a", "b", "c")[i % 3],
+                   payload={**PAYLOADS[i % len(PAYLOADS)], **({"pad": "x" * pad} if pad else {})},
+                   **fields) for i in range(count)]
+    for start in range(0, count, 500):
+        part = batch[start:start + 500]
+        answer = requests.post(url + "/publish", json=part + part[:50], timeout=30)
+        assert answer.status_code == 200, answer.text
+
+
+def test_an_export_replayed_into_postgresql_holds_the_same_events(gunicorn, tmp_path,
+                                                                   postgres):
+    """The migration from the embedded default to the cluster's backend: every event,
+    payloads JSON-equal, in the same order (replayed by one sender)."""
+    source = gunicorn()
+    publish(source.url, 2500)
+    out = tmp_path / "events.ndjson"
+    exported = run("publisher.export", "--url", source.url, "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert "wrote 2500 events (3 pages)" in exported.stderr
+    assert len(out.read_text().splitlines()) == 2500
+    target = gunicorn(db=postgres.fresh_url())
+    replayed = run("publisher", "--url", target.url, "--file", str(out), "--concurrency", "1",
+                   "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["unique"] == 2500
+    assert stored(target.url) == stored(source.url)
+    assert requests.get(target.url + "/stats", timeout=10).json()["topics"] == {
+        "a": 834, "b": 833, "c": 833}
+
+
+def test_filters_choose_what_is_exported(gunicorn, tmp_path):
+    server = gunicorn()
+    publish(server.url, 30, timestamp="2025-10-18T03:00:00Z")
+    publish(server.url, 30, prefix="late", timestamp="2025-10-19T03:00:00Z")
+    result = run("publisher.export", "--url", server.url, "--topic", "b", "--since",
+                 "2025-10-19T00:00:00Z")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event_id"] for e in lines] == [f"late{i}" for i in range(1, 30, 3)]
+    assert all(set(e) == {"topic", "event_id", "timestamp", "source", "payload"} for e in lines)
+
+
+def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn):
+    server = gunicorn(env={"AGGREGATOR_READ_TOKEN": "r-tok"})
+    bad_filter = run("publisher.export", "--url", server.url, "--token", "r-tok",
+                     "--since", "yesterday")
+    assert bad_filter.returncode == 2 and bad_filter.stdout == ""
+    assert "HTTP 400" in bad_filter.stderr and "since" in bad_filter.stderr
+    no_token = run("publisher.export", "--url", server.url)
+    assert no_token.returncode == 2 and "HTTP 401" in no_token.stderr
+    assert "go on" not in no_token.stderr and "again" not in no_token.stderr
+    assert run("publisher.export", "--url", server.url, "--token", "r-tok").returncode == 0
+
+
+@pytest.mark.parametrize("cut", ["the server dies", "SIGTERM", "SIGINT"])
+def test_an_export_cut_off_goes_on_from_the_cursor_it_names(gunicorn, tmp_path, cut):
+    """The server dies mid-export (exit 1), or the export is told to stop (130, 143, after
+    the page under way): it names a cursor, and going on from it, to the same file, leaves
+    every event in the file exactly once, in order."""
+    server = gunicorn()
+    publish(server.url, 1000, pad=300)  # 400 KB: more than a pipe holds
+    everything = stored(server.url)
+    export = subprocess.Popen(
+        [sys.executable, "-m", "publisher.export", "--url", server.url, "--page-size", "25",
+         "--retries", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The export has written pages, and waits on a full pipe, when it is cut off.
+        wait_for(lambda: waiting_bytes(export.stdout) >= 32 * 1024, 20, "a full pipe", 0.05)
+        if cut == "the server dies":
+            server.kill()
+        else:
+            export.send_signal(getattr(signal, cut))
+        rest, errors = export.communicate(timeout=60)
+    finally:
+        if export.poll() is None:
+            export.kill()
+    expected = {"the server dies": 1, "SIGTERM": 143, "SIGINT": 130}[cut]
+    assert export.returncode == expected, errors
+    last = errors.decode().strip().splitlines()[-1]
+    assert "go on with --after " in last and (cut in last or cut == "the server dies")
+    cursor = last.rsplit(" ", 1)[-1]
+    out = tmp_path / "events.ndjson"
+    out.write_bytes(rest)
+    written = len(out.read_text().splitlines())
+    assert 25 < written < 1000 and written % 25 == 0  # whole pages only, more than one
+    if cut == "the server dies":
+        server = gunicorn()  # on the same database
+    resumed = run("publisher.export", "--url", server.url, "--after", cursor, "--output",
+                  str(out), "--page-size", "25")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == [{k: e[k] for k in ("topic", "event_id", "timestamp", "source", "payload")}
+                     for e in everything]
+
+
+def test_nothing_listening_exits_1_saying_to_run_it_again():
+    result = run("publisher.export", "--url", f"http://127.0.0.1:{free_port()}", "--retries",
+                 "0")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].endswith("run it again (nothing was written)")
