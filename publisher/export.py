@@ -62,7 +62,7 @@ def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
     from the one after the cursor `after` (from the start if None), until the end or a
     stop; never raise PublishError.
 
-    Each page is written whole and flushed before the next is asked for, so `cursor` in
+    Each page is written whole (write_all) before the next is asked for, so `cursor` in
     the result always names where the events not yet written begin.
     """
     stop = stop if stop is not None else threading.Event()
@@ -138,7 +138,8 @@ def _stopping_on_signals(stop: threading.Event, publisher: Publisher,
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run an export; return 0 when every matching event was written, else 1."""
+    """Run an export; return the exit status: 0 when every matching event was written, 1
+    when it stopped early, 128 + the signal that stopped it, 2 for a refusal."""
     args = parse_args(argv, os.environ if environ is None else environ)
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
     publisher = Publisher(args.url, token=args.token, retries=args.retries)

@@ -23,9 +23,9 @@ PAYLOADS = [{}, {"text": "naïve café ☕ 日本語", "emoji": "🦆"}, {"n": -
             {"quote": "\"'<script>", "ctl": "a\tb\nc"}]
 
 
-def run(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, **kwargs)
+                          text=True, timeout=120)
 
 
 def stored(url: str) -> list[dict]:
