@@ -260,6 +260,10 @@ class QueryTimestamp(fields.Field):
         return timestamp_micros(value)
 
 
+# Parameters of the events page that the JSON API takes and ignores (app/pages.py).
+PAGE_ONLY_PARAMS = ("live",)
+
+
 class EventsQuerySchema(Schema):
     """The query string of GET /events."""
 
@@ -277,15 +281,21 @@ class EventsQuerySchema(Schema):
     order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
 
     @pre_load
-    def _each_once(self, data, **kwargs):
-        """Refuse a parameter given twice (topic=a&topic=b): values are not combined, and
-        answering for one of them would answer another question than the one asked."""
-        if hasattr(data, "lists"):  # a query string's MultiDict
-            repeated = {name: ["Given more than once; give it once (values are not combined)."]
-                        for name, values in data.lists() if name in self.fields
-                        and len(values) > 1}
-            if repeated:
-                raise ValidationError(repeated)
+    def _known_and_once(self, data, **kwargs):
+        """Refuse, in a query string, a parameter given twice (topic=a&topic=b: values are
+        not combined) or one it does not know (topc=a would be every topic): either way
+        the answer would be to another question than the one asked. `live`, the events
+        page's own, is let through, so that a page's URL also works as an API call."""
+        if not hasattr(data, "lists"):  # not a query string's MultiDict
+            return data
+        errors = {}
+        for name, values in data.lists():
+            if name not in self.fields and name not in PAGE_ONLY_PARAMS:
+                errors[name] = [f"Unknown parameter: /events takes {', '.join(self.fields)}."]
+            elif len(values) > 1:
+                errors[name] = ["Given more than once; give it once (values are not combined)."]
+        if errors:
+            raise ValidationError(errors)
         return data
 
 

@@ -220,12 +220,30 @@ def test_bad_query_parameter_is_400_naming_it(client, param, value):
 ])
 def test_a_query_parameter_given_twice_is_400_naming_it(client, filled, param, values):
     """topic=a&topic=b is not both topics, and answering for one of them would be silently
-    wrong; an unknown parameter given twice is ignored, like any unknown one."""
-    response = client.get(f"/events?{param}={values[0]}&{param}={values[1]}&x=1&x=2")
+    wrong."""
+    response = client.get(f"/events?{param}={values[0]}&{param}={values[1]}&limit=5")
     assert response.status_code == 400
     assert response.json["error"] == "bad_query"
     assert list(response.json["errors"]) == [param]
     assert "more than once" in response.json["errors"][param][0]
+
+
+@pytest.mark.parametrize("query", ["topc=a", "topic=a&pretty=1", "Topic=a", "format=json"])
+def test_an_unknown_query_parameter_is_400_naming_it(client, filled, query):
+    """A misspelt filter must not answer with every event."""
+    response = client.get(f"/events?{query}")
+    assert response.status_code == 400 and response.json["error"] == "bad_query"
+    (name,) = response.json["errors"]
+    assert name in query and name != "topic"
+    assert "Unknown parameter" in response.json["errors"][name][0]
+    assert "topic, source, since, until, limit, after, order" in response.json["errors"][name][0]
+
+
+def test_the_pages_own_parameter_is_let_through(client, filled):
+    """A URL of the live page also works as an API call."""
+    response = client.get("/events?topic=a&live=1&limit=5")
+    assert response.status_code == 200
+    assert {e["topic"] for e in response.json["events"]} == {"a"}
 
 
 @settings(max_examples=300, deadline=None)
