@@ -137,12 +137,7 @@ class Publisher:
                                          headers={"Content-Type": content_type})
         except requests.RequestException as exc:
             raise PublishError(f"cannot deliver to {self.url}: {_reason(exc)}") from None
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = {}
-        if not isinstance(answer, dict):
-            answer = {}
+        answer = _json_object(response) or {}
         counts = {key: answer.get(key, 0) for key in
                   ("received", "unique_processed", "duplicate_dropped", "rejected")}
         return BatchResult(response.status_code, **counts, errors=answer.get("errors") or {},
@@ -157,12 +152,9 @@ class Publisher:
                                         headers={"Accept": "application/json"})
         except requests.RequestException as exc:
             raise PublishError(f"cannot read from {self.url}: {_reason(exc)}") from None
-        try:
-            page = response.json()
-        except ValueError:
-            page = None
-        if response.status_code != 200 or not isinstance(page, dict):
-            message = page.get("message") if isinstance(page, dict) else None
+        page = _json_object(response)
+        if response.status_code != 200 or page is None:
+            message = (page or {}).get("message")
             raise PublishError(f"GET /events answered HTTP {response.status_code}: "
                                f"{message or response.reason}", status=response.status_code)
         return page
@@ -176,6 +168,15 @@ class Publisher:
     def close(self) -> None:
         """Close the session's connections."""
         self.session.close()
+
+
+def _json_object(response: requests.Response) -> dict | None:
+    """Return the answer's JSON object, or None when it is not one (a proxy's HTML page)."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _reason(exc: BaseException) -> str:

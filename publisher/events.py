@@ -36,18 +36,24 @@ class Batch:
     lines: list[int] = field(default_factory=list)
     raw: list[bytes] = field(default_factory=list)
 
+    @classmethod
+    def of_events(cls, events: list[dict]) -> Batch:
+        """Return a JSON array body of the events."""
+        return cls(json.dumps(events).encode(), "application/json", len(events))
+
+    @classmethod
+    def of_lines(cls, lines: list[int], raw: list[bytes]) -> Batch:
+        """Return an NDJSON body of the raw lines (their numbers in the stream: lines)."""
+        return cls(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
+
     def halves(self) -> tuple[Batch, Batch]:
         """Return the batch split in two (of at least two events), bodies and all."""
         middle = self.size // 2
         if self.raw:  # NDJSON lines of a stream
-            return (Batch(b"\n".join(self.raw[:middle]), self.content_type, middle,
-                          self.lines[:middle], self.raw[:middle]),
-                    Batch(b"\n".join(self.raw[middle:]), self.content_type,
-                          self.size - middle, self.lines[middle:], self.raw[middle:]))
+            return (Batch.of_lines(self.lines[:middle], self.raw[:middle]),
+                    Batch.of_lines(self.lines[middle:], self.raw[middle:]))
         events = json.loads(self.body)  # a JSON array of generated events
-        return (Batch(json.dumps(events[:middle]).encode(), self.content_type, middle),
-                Batch(json.dumps(events[middle:]).encode(), self.content_type,
-                      self.size - middle))
+        return Batch.of_events(events[:middle]), Batch.of_events(events[middle:])
 
 
 class EventFactory:
@@ -101,8 +107,7 @@ def send_order(events: int, duplicate_rate: float, seed: int) -> array:
 def generated_batches(factory: EventFactory, order: array, batch_size: int) -> Iterator[Batch]:
     """Yield JSON array bodies of batch_size generated events, in send order."""
     for start in range(0, len(order), batch_size):
-        events = [factory.event(i) for i in order[start:start + batch_size]]
-        yield Batch(json.dumps(events).encode(), "application/json", len(events))
+        yield Batch.of_events([factory.event(i) for i in order[start:start + batch_size]])
 
 
 def file_batches(stream: IO[bytes], batch_size: int,
@@ -148,7 +153,7 @@ def file_batches(stream: IO[bytes], batch_size: int,
 
     def cut() -> Batch:
         nonlocal lines, raw
-        batch = Batch(b"\n".join(raw), "application/x-ndjson", len(raw), lines, raw)
+        batch = Batch.of_lines(lines, raw)
         lines, raw = [], []
         return batch
 

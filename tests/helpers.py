@@ -59,6 +59,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def every_event(url: str) -> list[dict]:
+    """Return every event the aggregator at url holds, in its order, read page by page."""
+    events, cursor = [], None
+    while True:
+        params = {"limit": 1000, **({"after": cursor} if cursor else {})}
+        page = requests.get(url + "/events", params=params, timeout=10).json()
+        events += page["events"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return events
+
+
 def table_keys(db: Path | str) -> list[tuple[str, str]]:
     """Return every stored (topic, event_id) in ingestion order, read straight from the database."""
     return query(db, "SELECT topic, event_id FROM events ORDER BY seq")

@@ -16,7 +16,7 @@ import yaml
 
 from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
-from tests.helpers import ROOT, free_port, publish_large_events, raw_get, wait_for
+from tests.helpers import ROOT, every_event, free_port, publish_large_events, raw_get, wait_for
 
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
@@ -180,17 +180,6 @@ def addresses(compose, service: str) -> set[str]:
     return {network["IPAddress"] for network in networks.values()}
 
 
-def count_events(url: str) -> int:
-    total, cursor = 0, None
-    while True:
-        params = {"limit": 1000, **({"after": cursor} if cursor else {})}
-        page = requests.get(url + "/events", params=params, timeout=10).json()
-        total += len(page["events"])
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return total
-
-
 def up_and_publish(compose, publisher: str) -> None:
     """`up --build -d`; the publisher service exits 0 with all 6000 events acknowledged."""
     up = compose("up", "--build", "-d")
@@ -217,7 +206,7 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     after = stats(compose.url)
     for key in ("received", "unique_processed", "duplicate_dropped", "topics"):
         assert after[key] == before[key]
-    assert count_events(compose.url) == 5000
+    assert len(every_event(compose.url)) == 5000
 
     again = ("run", "--rm", "publisher", "python", "-m", "publisher", "--events", "200",
              "--duplicate-rate", "0", "--seed", "77", "--json")
@@ -247,7 +236,7 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
         6000, 5000, 1000, 5000)
     assert all(count == counts[0] for count in counts)
     # A cursor read on one replica is continued on the next.
-    assert count_events(cluster.url) == 5000
+    assert len(every_event(cluster.url)) == 5000
     # The replicas believe nginx's X-Forwarded-For: their access lines name the publisher.
     nginx_ips = addresses(cluster, "nginx")
     logs = cluster("logs", "--no-log-prefix", "aggregator-1", "aggregator-2",
@@ -291,7 +280,7 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the cluster to be healthy again")
     after = stats(cluster.url)
     assert {key: after[key] for key in COUNTS} == {key: before[key] for key in COUNTS}
-    assert count_events(cluster.url) == 5200
+    assert len(every_event(cluster.url)) == 5200
     assert len(upstreams(cluster.url, "/health/ready")) == 3
     second = cluster(*again)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -303,7 +292,7 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     wait_for(lambda: healthy(cluster, *CLUSTER), 180, "the new cluster to be healthy")
     final = stats(cluster.url)
     assert (final["received"], final["unique_processed"]) == (6400, 5200)
-    assert count_events(cluster.url) == 5200
+    assert len(every_event(cluster.url)) == 5200
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import termios
 import pytest
 import requests
 
-from tests.helpers import ROOT, event, free_port, wait_for
+from tests.helpers import ROOT, event, every_event, free_port, wait_for
 
 pytestmark = pytest.mark.backends("sqlite")
 
@@ -30,14 +30,7 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def stored(url: str) -> list[dict]:
     """Every event the aggregator holds, in its order, without received_at."""
-    events, after = [], None
-    while True:
-        page = requests.get(url + "/events", timeout=10,
-                            params={"limit": 1000, **({"after": after} if after else {})}).json()
-        events += [{k: v for k, v in e.items() if k != "received_at"} for e in page["events"]]
-        after = page["next_cursor"]
-        if after is None:
-            return events
+    return [{k: v for k, v in e.items() if k != "received_at"} for e in every_event(url)]
 
 
 def waiting_bytes(pipe) -> int:
