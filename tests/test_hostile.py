@@ -355,6 +355,56 @@ def test_a_body_cut_short_or_malformed_is_a_400_not_a_500(gunicorn, db, head, re
     assert "unhandled" not in server.log_path.read_text()
 
 
+def expecting_head(length: int, *, token: bytes = b"secret",
+                   content_type: bytes = b"application/json") -> bytes:
+    """The head of a /publish request that waits for `100 Continue` before its body."""
+    return (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Authorization: Bearer %s\r\nExpect: 100-continue\r\n\r\n"
+            % (content_type, length, token))
+
+
+@pytest.mark.backends("sqlite")  # the HTTP layer is the same on both backends
+@pytest.mark.parametrize("head,status", [
+    (expecting_head(20_000, token=b"wrong"), b"401"),
+    (expecting_head(20_000_000), b"413"),
+    (expecting_head(20_000, content_type=b"text/plain"), b"415"),
+], ids=["wrong-token", "content-length-over-the-limit", "content-type"])
+def test_a_request_refused_by_its_headers_is_answered_before_100_continue(gunicorn, db,
+                                                                          head, status):
+    """gunicorn sent `100 Continue` as soon as it had the headers, so a client that waits
+    for it (curl, for bodies over 1 MiB) uploaded its body (2.6 MB of 20 MB) and only then
+    read the refusal. Now the refusal comes first, and the connection closes after it, since
+    the client sends no body after a final answer."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_API_TOKEN": "secret"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        answer = read_answer(sock)
+        closed = sock.recv(1) == b""
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert b"\r\nconnection: close\r\n" in answer.lower() and closed
+    assert table_keys(db) == []
+
+
+@pytest.mark.backends("sqlite")
+def test_an_accepted_request_gets_100_continue_and_keeps_its_connection(gunicorn, db):
+    """The 100 goes out once the app reads the body; the connection then serves the next
+    request as before."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_API_TOKEN": "secret"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for n in range(2):
+            body = json.dumps([event(f"continued-{n}")]).encode()
+            sock.sendall(expecting_head(len(body)))
+            interim = b""
+            while len(interim) < len(b"HTTP/1.1 100 Continue\r\n\r\n"):
+                interim += sock.recv(1)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body)
+            answer = read_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            assert b"\r\nconnection: keep-alive\r\n" in answer.lower()
+    assert table_keys(db) == [("orders", "continued-0"), ("orders", "continued-1")]
+
+
 # Controls and lone surrogates included: JSON's \u escapes let both through the parser.
 any_char = st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"])
 any_text = st.text(any_char, max_size=12)
