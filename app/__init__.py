@@ -35,7 +35,7 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies,
                                 x_proto=config.trusted_proxies)
     store = open_store(config)
-    metrics = Metrics(store, __version__, config.metrics_dir)
+    metrics = Metrics(store, __version__, config.metrics_dir, config.metrics_topics)
     app.extensions["store"] = store
     app.extensions["metrics"] = metrics
     app.extensions["ingestor"] = Ingestor(store, queue_size=config.queue_size,

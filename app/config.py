@@ -42,6 +42,7 @@ class Config:
     bind: str = "0.0.0.0:8080"
     graceful_timeout: int = 30
     metrics_dir: str | None = None
+    metrics_topics: int = 100
     trusted_proxies: int = 0
 
     def __post_init__(self):
@@ -144,6 +145,7 @@ _VARIABLES = {
     "AGGREGATOR_BIND": ("bind", _bind),
     "AGGREGATOR_GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_int),
     "AGGREGATOR_TRUSTED_PROXIES": ("trusted_proxies", _count),
+    "AGGREGATOR_METRICS_TOPICS": ("metrics_topics", _count),
     # prometheus-client's own variable: where workers share their samples.
     "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", str),
 }

@@ -62,7 +62,8 @@ def _pretty(payload: str) -> tuple[str, bool]:
 def render_events_page(counters: Counters, params: dict[str, str], *,
                        events: list[StoredEvent] = (), next_cursor: str | None = None,
                        limit: int = 100, errors: Mapping[str, list] | None = None) -> Response:
-    """Render the events page (a 400 page when errors name bad filters)."""
+    """Render the events page (a 400 page when errors name bad filters), naming the topics
+    of counters (the largest TOPICS_SHOWN: Store.counters(largest=TOPICS_SHOWN))."""
     live = params.get("live") == "1"
 
     def page_url(**changes: str | None) -> str:
@@ -70,10 +71,10 @@ def render_events_page(counters: Counters, params: dict[str, str], *,
         return url_for("api.events", **{k: v for k, v in merged.items() if v is not None})
 
     filters = {**params, "limit": limit}
-    largest = sorted(counters.topics.items(), key=lambda item: (-item[1], item[0]))
     html = render_template(
         "events.html", stats=counters, events=[_row(e) for e in events],
-        topics=sorted(largest[:TOPICS_SHOWN]), topics_not_shown=len(largest) - TOPICS_SHOWN,
+        topics=sorted(counters.topics.items()),
+        topics_not_shown=counters.topics_in_all - len(counters.topics),
         next_cursor=next_cursor, filters=filters, live=live, refresh_seconds=REFRESH_SECONDS,
         page_url=page_url,
         error=("Some filter values are not valid." if errors else None),

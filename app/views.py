@@ -106,7 +106,7 @@ def events() -> Response:
 
 def _events_page() -> Response:
     params = pages.page_params(request.args)
-    counters = _store().counters()
+    counters = _store().counters(largest=pages.TOPICS_SHOWN)
     try:
         args = _events_query.load({**params, "order": "desc"})
     except ValidationError as exc:

@@ -58,6 +58,24 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
         assert held + wait <= samples["aggregator_commit_duration_seconds_sum{}"]
 
 
+
+def test_metrics_name_only_the_largest_topics_and_count_them_all(gunicorn):
+    """Publishers name topics: a series for each let them grow a scrape without bound."""
+    server = gunicorn(workers=1, env={"AGGREGATOR_METRICS_TOPICS": "3"})
+    # Topic t-N gets N + 1 events; t-4 and u-4 tie, and the tie goes by name.
+    batch = [event(f"e{n}-{i}", topic=f"t-{n}") for n in range(6) for i in range(n + 1)]
+    batch += [event(f"u{i}", topic="u-4") for i in range(5)]
+    assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+    samples = scrape(server.url)
+    named = {key: value for key, value in samples.items()
+             if key.startswith("aggregator_topic_events_stored_total")}
+    assert named == {"aggregator_topic_events_stored_total{topic=t-5}": 6,
+                     "aggregator_topic_events_stored_total{topic=t-4}": 5,
+                     "aggregator_topic_events_stored_total{topic=u-4}": 5}
+    assert samples["aggregator_topics{}"] == 7
+    stats = requests.get(server.url + "/stats", timeout=10).json()
+    assert len(stats["topics"]) == 7 and stats["topics"]["t-0"] == 1
+
 def test_reads_are_timed_by_path_and_status(gunicorn):
     server = gunicorn(workers=2)
     close = {"Connection": "close"}  # new connections: either worker may answer

@@ -156,6 +156,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("AGGREGATOR_RETENTION", "0d"), ("AGGREGATOR_MAX_PAGE_BYTES", "0"),
     ("AGGREGATOR_BODY_BUDGET", "-1"), ("AGGREGATOR_BODY_TIMEOUT", "0"),
     ("AGGREGATOR_HEADER_TIMEOUT", "soon"), ("AGGREGATOR_SEND_TIMEOUT", "0"),
+    ("AGGREGATOR_METRICS_TOPICS", "-1"),
     # Secrets: the line names the variable but does not repeat them.
     ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
     ("DATABASE_URL", "mysql://host/db?password=s3cret"),

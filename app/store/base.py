@@ -59,11 +59,14 @@ class Counters:
     unique_processed: int
     duplicate_dropped: int
     rejected: int
+    # Events stored by topic: every topic, or the largest when counters(largest=N) asked.
     topics: dict[str, int]
     # Events deleted by retention (AGGREGATOR_RETENTION): unique_processed == events stored
     # + expired. Like unique_processed, topic counts are totals (Prometheus counters): they
     # do not fall when events expire.
     expired: int
+    # How many topics there are, named in topics or not.
+    topics_in_all: int
 
 
 def utf8_length(text: str) -> int:
@@ -143,8 +146,9 @@ class Store:
         """Open a write connection for one writer thread."""
         raise NotImplementedError
 
-    def counters(self) -> Counters:
-        """Return the counters, in time independent of the number of events."""
+    def counters(self, largest: int | None = None) -> Counters:
+        """Return the counters, in time independent of the number of events; with largest,
+        name only that many topics, the largest (by count, then name)."""
         raise NotImplementedError
 
     def events(self, query: EventQuery) -> list[StoredEvent]:

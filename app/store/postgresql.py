@@ -30,7 +30,16 @@ from .base import (
     Writer,
     nothing_more,
 )
-from .sql import BLOCK_BITS, BUCKET_BITS, EXPIRE, SUB_BITS, build_missing_summaries, read_page
+from .sql import (
+    ALL_TOPICS,
+    BLOCK_BITS,
+    BUCKET_BITS,
+    EXPIRE,
+    LARGEST_TOPICS,
+    SUB_BITS,
+    build_missing_summaries,
+    read_page,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +222,19 @@ class PostgresStore(Store):
         with translated_errors():
             return PostgresWriter(self.url)
 
-    def counters(self) -> Counters:
-        """Return the counters and per-topic counts, read in one statement (one snapshot)."""
+    def counters(self, largest: int | None = None) -> Counters:
+        """Return the counters and per-topic counts, read in one statement (one snapshot;
+        see Store.counters)."""
+        shown = ALL_TOPICS if largest is None else LARGEST_TOPICS.replace("?", "%s")
         with translated_errors(), self._pool.connection() as conn:
-            values, topics = conn.execute(
+            values, topics, in_all = conn.execute(
                 "SELECT (SELECT json_object_agg(name, value) FROM counters),"
                 " (SELECT coalesce(json_object_agg(topic, count ORDER BY topic), '{}')"
-                " FROM topic_counts)").fetchone()
+                f" FROM ({shown}) AS shown), (SELECT count(*) FROM topic_counts)",
+                () if largest is None else (largest,)).fetchone()
         return Counters(values["received"], values["unique_processed"],
                         values["duplicate_dropped"], values["rejected"], topics,
-                        values["expired"])
+                        values["expired"], in_all)
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
         """Return up to query.limit events after the cursor (see sql.read_page)."""

@@ -1,5 +1,5 @@
-"""What the SQL backends share: the summaries' layout, the retention statement and the plan
-that reads a page.
+"""What the SQL backends share: the summaries' layout, the retention and topic statements,
+and the plan that reads a page.
 
 Both backends keep the same tables (see schema_sqlite.sql and schema_postgresql.sql) and
 read a page with the same statements, written with ? placeholders.
@@ -39,6 +39,10 @@ EXPIRE = (
     "DELETE FROM events WHERE seq IN (SELECT seq FROM events"
     " WHERE seq < (SELECT max(seq) FROM events) ORDER BY seq LIMIT ?) AND received_at < ?"
 )
+
+# Counters.topics: every topic by name, or the largest (by count, then name) up to a limit.
+ALL_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY topic"
+LARGEST_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY count DESC, topic LIMIT ?"
 
 # Runs a statement (? placeholders) in the page's read snapshot and returns its rows, as
 # they are read (a page stops reading once it is full, and then closes them).

@@ -26,7 +26,16 @@ from .base import (
     Writer,
     nothing_more,
 )
-from .sql import BLOCK_BITS, BUCKET_BITS, EXPIRE, SUB_BITS, build_missing_summaries, read_page
+from .sql import (
+    ALL_TOPICS,
+    BLOCK_BITS,
+    BUCKET_BITS,
+    EXPIRE,
+    LARGEST_TOPICS,
+    SUB_BITS,
+    build_missing_summaries,
+    read_page,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,19 +270,24 @@ class SQLiteStore(Store):
                 self._readers.append(conn)
         return conn
 
-    def counters(self) -> Counters:
-        """Return the counters and per-topic counts (constant time in the number of events)."""
+    def counters(self, largest: int | None = None) -> Counters:
+        """Return the counters and per-topic counts (see Store.counters)."""
         with translated_errors():
             conn = self._reader()
             conn.execute("BEGIN")
             try:
                 values = dict(conn.execute("SELECT name, value FROM counters"))
-                topics = dict(conn.execute("SELECT topic, count FROM topic_counts ORDER BY topic"))
+                if largest is None:
+                    topics = dict(conn.execute(ALL_TOPICS))
+                    in_all = len(topics)
+                else:
+                    topics = dict(conn.execute(LARGEST_TOPICS, (largest,)))
+                    (in_all,) = conn.execute("SELECT count(*) FROM topic_counts").fetchone()
             finally:
                 conn.execute("COMMIT")
         return Counters(values["received"], values["unique_processed"],
                         values["duplicate_dropped"], values["rejected"], topics,
-                        values["expired"])
+                        values["expired"], in_all)
 
     def events(self, query: EventQuery) -> list[StoredEvent]:
         """Return up to query.limit events after the cursor (see sql.read_page)."""
