@@ -374,17 +374,17 @@ def publish(args: argparse.Namespace) -> Summary:
     summary = Summary(url=args.url, seed=None if args.file else args.seed)
     with ExitStack() as stack:
         stack.callback(publisher.close)
+        # Before the wait for the aggregator, which can be long: a mistyped path fails now.
+        stream = (sys.stdin.buffer if args.file == "-"
+                  else _opened(stack, "--file", args.file, "rb") if args.file else None)
+        rejects = _opened(stack, "--rejects", args.rejects, "w") if args.rejects else None
         stack.enter_context(_stop_sending_on_signals(summary, publisher.stop_retrying))
         if not publisher.wait_ready(args.wait, on_wait=_say_waiting):
             return summary  # Ctrl-C or SIGTERM before the aggregator was up: nothing sent
         order = None if args.file else send_order(args.events, args.duplicate_rate, args.seed)
-        rejects = (stack.enter_context(open(args.rejects, "w", encoding="utf-8"))
-                   if args.rejects else None)
         sender = Sender(publisher, summary,
                         _progress(None if order is None else len(order), stack), rejects)
         if args.file:
-            stream = (sys.stdin.buffer if args.file == "-"
-                      else stack.enter_context(open(args.file, "rb")))
             batches = file_batches(stream, args.batch_size, sender.reject_line,
                                    linger=args.linger)
         else:
@@ -397,6 +397,20 @@ def publish(args: argparse.Namespace) -> Summary:
     if sender.fatal:
         raise PublishError(f"{sender.fatal} (acknowledged {summary.acknowledged} events first)")
     return summary
+
+
+class UsageError(Exception):
+    """An argument cannot be used (a file that cannot be opened): exit status 2."""
+
+
+def _opened(stack: ExitStack, option: str, path: str, mode: str):
+    """Return path opened in mode (text in UTF-8) for the stack to close, or raise
+    UsageError naming the option."""
+    try:
+        return stack.enter_context(open(path, mode, **({} if "b" in mode else
+                                                      {"encoding": "utf-8"})))
+    except OSError as exc:
+        raise UsageError(f"{option}: {exc.strerror or exc}: {path}") from None
 
 
 def _print(summary: Summary, as_json: bool) -> None:
@@ -416,10 +430,14 @@ def _print(summary: Summary, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the publisher; return 0 when every event was acknowledged, else 1."""
+    """Run the publisher; return 0 when every event was acknowledged, 2 for bad arguments,
+    else 1 (or 128 + the signal that stopped it)."""
     args = parse_args(argv, os.environ if environ is None else environ)
     try:
         summary = publish(args)
+    except UsageError as exc:
+        print(f"publisher: error: {exc}", file=sys.stderr)
+        return 2
     except PublishError as exc:
         print(f"publisher: error: {exc}", file=sys.stderr)
         return 1

@@ -204,6 +204,22 @@ def test_a_url_that_is_not_http_exits_2_at_once_naming_it(url):
     assert time.monotonic() - start < 10
 
 
+def test_a_file_that_cannot_be_opened_exits_2_at_once_naming_it(tmp_path):
+    """Not after waiting for the aggregator for --wait seconds, as a failure (exit 1)."""
+    lines = tmp_path / "events.ndjson"
+    lines.write_text("{}\n")
+    start = time.monotonic()
+    for args, option in (
+            (["--file", str(tmp_path / "missing.ndjson")], "--file"),
+            (["--file", str(tmp_path)], "--file"),
+            (["--file", str(lines), "--rejects", str(tmp_path / "no" / "r.ndjson")], "--rejects")):
+        result = run_publisher("--url", f"http://127.0.0.1:{free_port()}", "--wait", "20", *args,
+                               timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith(f"publisher: error: {option}: ")
+    assert time.monotonic() - start < 20
+
+
 def test_every_option_can_come_from_the_environment(gunicorn):
     server = gunicorn()
     result = run_publisher(PUBLISHER_URL=server.url, PUBLISHER_EVENTS="400",
