@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from .cli import _positive, _retries, _url
@@ -21,7 +21,9 @@ from .client import Publisher, PublishError
 # What a publisher sends of an event. received_at is the aggregator's own (when it received
 # the event), and /publish refuses it as an unknown field.
 FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
-FILTERS = ("topic", "source", "since", "until")
+FILTERS = {"topic": "of this topic", "source": "from this source",
+           "since": "timestamped at or after this time (ISO 8601)",
+           "until": "timestamped before this time"}
 MAX_PAGE = 1000  # the aggregator's largest limit
 # Answers that asking again will not change: a bad filter or cursor (400), a missing or
 # wrong token (401, 403), no /events at --url (404, 405).
@@ -98,9 +100,9 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
     parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN"),
                         help="the read token, or the publish token, when the aggregator "
                              "needs one [env PUBLISHER_TOKEN]")
-    for name in FILTERS:
-        parser.add_argument(f"--{name}", help=f"only events with this {name}, as GET "
-                                              f"/events?{name}= takes it")
+    for name, text in FILTERS.items():
+        parser.add_argument(f"--{name}", help=f"only events {text}, as GET /events?{name}= "
+                                              "takes it")
     parser.add_argument("--after", help="go on from this cursor (a stopped export names it); "
                                         "the output file is then appended to")
     parser.add_argument("--output", "-o", default="-",
@@ -139,22 +141,26 @@ def _stopping_on_signals(stop: threading.Event, publisher: Publisher,
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run an export; return the exit status: 0 when every matching event was written, 1
-    when it stopped early, 128 + the signal that stopped it, 2 for a refusal."""
+    when it stopped early, 128 + the signal that stopped it, 2 for a refusal or an output
+    that cannot be opened."""
     args = parse_args(argv, os.environ if environ is None else environ)
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
+    try:
+        out = (sys.stdout if args.output == "-"  # a file is closed by the with below
+               else open(args.output, "ab" if args.after else "wb"))  # noqa: SIM115
+    except OSError as exc:
+        print(f"publisher.export: error: --output: {exc.strerror or exc}: {args.output}",
+              file=sys.stderr)
+        return 2
     publisher = Publisher(args.url, token=args.token, retries=args.retries)
     stop, signals = threading.Event(), []
     start = time.monotonic()
     try:
-        with _stopping_on_signals(stop, publisher, signals):
-            if args.output == "-":
-                sys.stdout.flush()
-                progress = export(publisher, filters, sys.stdout.fileno(), after=args.after,
-                                  page_size=args.page_size, stop=stop)
-            else:
-                with open(args.output, "ab" if args.after else "wb") as out:
-                    progress = export(publisher, filters, out.fileno(), after=args.after,
-                                      page_size=args.page_size, stop=stop)
+        with _stopping_on_signals(stop, publisher, signals), \
+                nullcontext() if out is sys.stdout else out:
+            out.flush()  # pages go out through os.write, past what is buffered
+            progress = export(publisher, filters, out.fileno(), after=args.after,
+                              page_size=args.page_size, stop=stop)
     except OSError as exc:
         print(f"publisher.export: error: {exc.strerror or exc}: {exc.filename or ''}"
               .rstrip(": "), file=sys.stderr)

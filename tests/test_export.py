@@ -143,3 +143,13 @@ def test_nothing_listening_exits_1_saying_to_run_it_again():
                  "0")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1].endswith("run it again (nothing was written)")
+
+
+def test_an_output_that_cannot_be_opened_exits_2_naming_it(tmp_path):
+    """A bad argument (2), not an export that stopped early and could go on (1)."""
+    for output in (tmp_path / "no" / "events.ndjson", tmp_path):
+        result = run("publisher.export", "--url", f"http://127.0.0.1:{free_port()}",
+                     "--output", str(output))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "publisher.export: error: --output: ") and str(output) in result.stderr
