@@ -20,8 +20,8 @@ and 20.4 s.
 
 A request that expects `100 Continue` gets it when the app first reads its body, as from
 nginx, not as soon as its headers are parsed (gunicorn's way): a client that waits for it
-(curl for bodies over 1 MiB, .NET's HttpClient for every body) uploaded 2.6 MB of a 20 MB
-body before the 401 for a wrong token or the 413 for its Content-Length, and now sends none.
+(curl 7.88 does, for bodies over 1 MiB) uploaded 2.6 MB of a 20 MB body before the 401 for
+a wrong token or the 413 for its Content-Length, and now sends none of it.
 
 Plain connections only: gunicorn.conf.py refuses gunicorn's own TLS, whose socket is
 made in gunicorn's handle(), after these limits are set on the plain one. HTTP/1 only, as
