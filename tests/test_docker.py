@@ -207,6 +207,10 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     for key in ("received", "unique_processed", "duplicate_dropped", "topics"):
         assert after[key] == before[key]
     assert len(every_event(compose.url)) == 5000
+    # An online backup from inside the container, as README's Backups has it.
+    taken = compose("exec", "-T", "aggregator", "python", "-m", "app.backup",
+                    "/app/data/backup.db")
+    assert taken.returncode == 0 and "5000 events" in taken.stderr, taken.stderr
 
     again = ("run", "--rm", "publisher", "python", "-m", "publisher", "--events", "200",
              "--duplicate-rate", "0", "--seed", "77", "--json")
