@@ -55,6 +55,23 @@ class Config:
         """Return "sqlite" or "postgresql", from the scheme of database_url."""
         return "sqlite" if urlsplit(self.database_url).scheme == "sqlite" else "postgresql"
 
+    def summary(self) -> str:
+        """Return the settings that shape the server as one line for the start-up log (less
+        gunicorn's own, which flags can change): tokens only as set or not, a URL without
+        its credentials."""
+        retention = "none"
+        if self.retention is not None:
+            size, unit = next(((size, unit) for size, unit in ((86400, "days"), (3600, "hours"))
+                               if self.retention >= size), (1, "s"))
+            retention = f"{self.retention / size:g} {unit}"
+        quota = "" if self.max_db_mb is None else f" (quota {self.max_db_mb} MB)"
+        return (f"database {_without_credentials(self.database_url)}{quota}; {self.writers} "
+                f"writer{'s' if self.writers > 1 else ''} and a queue of {self.queue_size} "
+                "batches per worker; "
+                f"max batch {self.max_batch} events, max body {self.max_body} bytes; "
+                f"retention {retention}; publish token {_set(self.api_token)}, read token "
+                f"{_set(self.read_token)}")
+
     @property
     def sqlite_path(self) -> str:
         """Return the database file path of a sqlite:/// URL."""
@@ -183,12 +200,21 @@ def _shown(raw: str, parse) -> str:
     if parse is _token:
         return "(not shown)"
     if parse is _database_url:
-        if "@" in raw:
-            head, _, host = raw.rpartition("@")
-            scheme = head.partition("://")[0] + "://" if "://" in head else ""
-            raw = f"{scheme}***@{host}"
-        raw = re.sub(r"(password=)[^&\s]*", r"\1***", raw)
+        raw = _without_credentials(raw)
     return repr(raw)
+
+
+def _without_credentials(url: str) -> str:
+    """Return a database URL with its user, password and password= parameter masked."""
+    if "@" in url:
+        head, _, host = url.rpartition("@")
+        scheme = head.partition("://")[0] + "://" if "://" in head else ""
+        url = f"{scheme}***@{host}"
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
+
+
+def _set(token: str | None) -> str:
+    return "unset" if token is None else "set"
 
 
 def with_overrides(config: Config, overrides: Mapping[str, object]) -> Config:

@@ -151,6 +151,10 @@ def on_starting(server):
             _config.start_timeout, reason))
     except (StoreError, OSError) as exc:
         sys.exit("aggregator: database unavailable: " + " ".join(str(exc).split()))
+    from app import __version__
+
+    server.log.info("aggregator %s: %d workers of %d threads; %s", __version__,
+                    server.cfg.workers, server.cfg.threads, _config.summary())
 
 
 def post_worker_init(worker):

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from app.config import _VARIABLES as config_variables
+from app.config import from_env
 from tests.helpers import (
     ROOT,
     GunicornServer,
@@ -168,6 +169,29 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+@pytest.mark.backends("sqlite")
+def test_start_up_logs_the_settings_in_force_and_no_secret(gunicorn, db):
+    """One line in the master's log says what the server runs with, gunicorn's flags
+    included (--workers beats WEB_CONCURRENCY), and never a token."""
+    server = gunicorn(workers=2, env={"AGGREGATOR_API_TOKEN": "w-SECRET-77",
+                                      "AGGREGATOR_RETENTION": "30d", "AGGREGATOR_WRITERS": "2",
+                                      "GUNICORN_CMD_ARGS": "--workers 3"})
+    lines = [r["message"] for r in server.log_records()
+             if r["message"].startswith("aggregator 0.1.0: ")]
+    assert lines == [f"aggregator 0.1.0: 3 workers of 8 threads; database sqlite:///{db}; 2 "
+                     "writers and a queue of 64 batches per worker; max batch 10000 events, "
+                     "max body 16777216 bytes; retention 30 days; publish token set, read "
+                     "token unset"]
+    assert "SECRET" not in server.log_path.read_text()
+
+
+def test_the_settings_line_masks_a_database_urls_credentials():
+    for url in ("postgresql://app:s3cret@db:5432/events",
+                "postgresql://db/events?password=s3cret&sslmode=require"):
+        line = from_env({"DATABASE_URL": url, "AGGREGATOR_READ_TOKEN": "r-s3cret"}).summary()
+        assert "s3cret" not in line and "read token set" in line and "db" in line
 
 
 def test_every_setting_is_in_the_readme_configuration_table():
