@@ -53,7 +53,8 @@ def test_a_backup_taken_under_load_is_one_commit_whole_and_serves_as_a_store(
         thread.start()
     try:
         wait_for(lambda: len(sent) >= 10, 60, "the first batches", interval=0.05)
-        result = backup(db, tmp_path / "snapshot.db")
+        (tmp_path / "backups").mkdir()
+        result = backup(db, tmp_path / "backups" / "snapshot.db")
         still_loading = all(thread.is_alive() for thread in load)
     finally:
         stop.set()
@@ -61,7 +62,8 @@ def test_a_backup_taken_under_load_is_one_commit_whole_and_serves_as_a_store(
             thread.join()
     assert result.returncode == 0, result.stderr
     assert still_loading  # else this proves nothing about a backup under load
-    snapshot = tmp_path / "snapshot.db"
+    snapshot = tmp_path / "backups" / "snapshot.db"
+    assert [p.name for p in snapshot.parent.iterdir()] == ["snapshot.db"]  # nothing left aside
     with closing(sqlite3.connect(snapshot)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert_counters_match_the_table(snapshot)
