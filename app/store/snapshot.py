@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import closing
 from dataclasses import dataclass
 
 from .sqlite import connect, translated_errors
@@ -20,8 +21,8 @@ class Snapshot:
 
 def snapshot(path: str, dest: str) -> Snapshot:
     """Copy the database at path to the new file dest, as of one commit, while writers go
-    on; raise FileExistsError if dest exists, FileNotFoundError if path does not, and
-    StoreError for the database's own trouble.
+    on; raise FileExistsError if dest exists, FileNotFoundError if path or dest's
+    directory does not, and StoreError for the database's own trouble.
 
     SQLite's backup API copies every page in one step, so within one read transaction: in
     WAL mode that blocks no writer, and no commit made meanwhile is half in the copy (a
@@ -35,16 +36,12 @@ def snapshot(path: str, dest: str) -> Snapshot:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), needed)
     partial = f"{dest}.partial-{os.getpid()}"
     try:
-        with translated_errors():
-            source, target = connect(path, read_only=True), connect(partial)
-            try:
-                source.backup(target)
-                (events,) = target.execute(
-                    "SELECT sum(CASE name WHEN 'expired' THEN -value ELSE value END)"
-                    " FROM counters WHERE name IN ('unique_processed', 'expired')").fetchone()
-            finally:
-                target.close()
-                source.close()
+        with translated_errors(), closing(connect(path, read_only=True)) as source, \
+                closing(connect(partial)) as target:
+            source.backup(target)
+            (events,) = target.execute(
+                "SELECT sum(CASE name WHEN 'expired' THEN -value ELSE value END)"
+                " FROM counters WHERE name IN ('unique_processed', 'expired')").fetchone()
         _sync(partial)
         os.link(partial, dest)  # fails, rather than replace, if dest appeared meanwhile
         _sync(os.path.dirname(os.path.abspath(dest)))
