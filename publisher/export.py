@@ -12,10 +12,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from .cli import _positive, _retries, _url
+from .cli import UsageError, _opened, _positive, _retries, _url
 from .client import Publisher, PublishError
 
 # What a publisher sends of an event. received_at is the aggregator's own (when it received
@@ -145,28 +145,25 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     that cannot be opened."""
     args = parse_args(argv, os.environ if environ is None else environ)
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
-    try:
-        out = (sys.stdout if args.output == "-"  # a file is closed by the with below
-               else open(args.output, "ab" if args.after else "wb"))  # noqa: SIM115
-    except OSError as exc:
-        print(f"publisher.export: error: --output: {exc.strerror or exc}: {args.output}",
-              file=sys.stderr)
-        return 2
-    publisher = Publisher(args.url, token=args.token, retries=args.retries)
     stop, signals = threading.Event(), []
-    start = time.monotonic()
     try:
-        with _stopping_on_signals(stop, publisher, signals), \
-                nullcontext() if out is sys.stdout else out:
-            out.flush()  # pages go out through os.write, past what is buffered
-            progress = export(publisher, filters, out.fileno(), after=args.after,
-                              page_size=args.page_size, stop=stop)
+        with ExitStack() as stack:
+            out = (sys.stdout if args.output == "-" else
+                   _opened(stack, "--output", args.output, "ab" if args.after else "wb"))
+            publisher = Publisher(args.url, token=args.token, retries=args.retries)
+            stack.callback(publisher.close)
+            start = time.monotonic()
+            with _stopping_on_signals(stop, publisher, signals):
+                out.flush()  # pages go out through os.write, past what is buffered
+                progress = export(publisher, filters, out.fileno(), after=args.after,
+                                  page_size=args.page_size, stop=stop)
+    except UsageError as exc:
+        print(f"publisher.export: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"publisher.export: error: {exc.strerror or exc}: {exc.filename or ''}"
               .rstrip(": "), file=sys.stderr)
         return 1
-    finally:
-        publisher.close()
     where = "standard output" if args.output == "-" else args.output
     print(f"publisher.export: wrote {progress.written} events ({progress.pages} pages) to "
           f"{where} in {time.monotonic() - start:.1f} s", file=sys.stderr)
