@@ -81,7 +81,7 @@ class Metrics:
     """
 
     def __init__(self, store: Store, version: str, multiprocess_dir: str | None,
-                 topics: int = 100):
+                 topics: int):
         """topics: how many topics (the largest) get a series of their own."""
         self._multiprocess_dir = multiprocess_dir
         # In multiprocess mode samples live in files: the objects are not registered,

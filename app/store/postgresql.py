@@ -34,6 +34,7 @@ from .sql import (
     ALL_TOPICS,
     BLOCK_BITS,
     BUCKET_BITS,
+    COUNT_TOPICS,
     EXPIRE,
     LARGEST_TOPICS,
     SUB_BITS,
@@ -230,7 +231,7 @@ class PostgresStore(Store):
             values, topics, in_all = conn.execute(
                 "SELECT (SELECT json_object_agg(name, value) FROM counters),"
                 " (SELECT coalesce(json_object_agg(topic, count ORDER BY topic), '{}')"
-                f" FROM ({shown}) AS shown), (SELECT count(*) FROM topic_counts)",
+                f" FROM ({shown}) AS shown), ({COUNT_TOPICS})",
                 () if largest is None else (largest,)).fetchone()
         return Counters(values["received"], values["unique_processed"],
                         values["duplicate_dropped"], values["rejected"], topics,

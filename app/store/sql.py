@@ -43,6 +43,7 @@ EXPIRE = (
 # Counters.topics: every topic by name, or the largest (by count, then name) up to a limit.
 ALL_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY topic"
 LARGEST_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY count DESC, topic LIMIT ?"
+COUNT_TOPICS = "SELECT count(*) FROM topic_counts"
 
 # Runs a statement (? placeholders) in the page's read snapshot and returns its rows, as
 # they are read (a page stops reading once it is full, and then closes them).

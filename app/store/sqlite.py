@@ -30,6 +30,7 @@ from .sql import (
     ALL_TOPICS,
     BLOCK_BITS,
     BUCKET_BITS,
+    COUNT_TOPICS,
     EXPIRE,
     LARGEST_TOPICS,
     SUB_BITS,
@@ -282,7 +283,7 @@ class SQLiteStore(Store):
                     in_all = len(topics)
                 else:
                     topics = dict(conn.execute(LARGEST_TOPICS, (largest,)))
-                    (in_all,) = conn.execute("SELECT count(*) FROM topic_counts").fetchone()
+                    (in_all,) = conn.execute(COUNT_TOPICS).fetchone()
             finally:
                 conn.execute("COMMIT")
         return Counters(values["received"], values["unique_processed"],
