@@ -23,9 +23,10 @@ run: venv
 publish: venv
 	$(BIN)/python -m publisher --url http://127.0.0.1:8080 --events 5000 --duplicate-rate 0.2
 
-## test: every test (unit, real gunicorn, real browser, real docker compose)
+## test: every test (unit, real gunicorn, real browser, real docker compose), in two
+## processes: half the suite's time is spent waiting (for servers, timeouts, builds)
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: venv
 	$(BIN)/ruff check .

@@ -18,6 +18,10 @@ from app.config import _VARIABLES as AGGREGATOR_VARIABLES
 from publisher.cli import OPTIONS as PUBLISHER_OPTIONS
 from tests.helpers import ROOT, every_event, free_port, publish_large_events, raw_get, wait_for
 
+# One engine, one build cache: under `make test` (pytest-xdist) these run in one process,
+# one after another.
+pytestmark = pytest.mark.xdist_group("docker")
+
 DOCKERFILES = ["Dockerfile.aggregator", "Dockerfile.publisher"]
 # Every character that a postgresql:// URL would need encoded (PostgreSQL checks it: SCRAM).
 CLUSTER_PASSWORD = "p@ss:w/rd#1?%20 'x\"$y"
