@@ -1,4 +1,5 @@
-"""Bearer tokens: one to publish, an optional one to read (constant-time comparisons)."""
+"""Bearer tokens: to publish, and optionally to read (constant-time comparisons). Each
+setting may hold several tokens, separated by commas, any of which is accepted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hmac
 
 from flask import request
 
-from .config import Config
+from .config import Config, tokens
 from .errors import APIError
 
 _CHALLENGE = 'Bearer realm="aggregator"'
@@ -32,9 +33,13 @@ def _presented() -> bytes:
     return b""
 
 
-def _matches(given: bytes, token: str | None) -> bool:
-    # compare_digest on bytes of any length: the time taken does not reveal the token.
-    return token is not None and hmac.compare_digest(given, token.encode())
+def _matches(given: bytes, setting: str | None) -> bool:
+    # compare_digest on bytes of any length: the time taken does not reveal a token. Every
+    # token is compared, so neither does it tell which one matched.
+    matched = False
+    for token in tokens(setting):
+        matched |= hmac.compare_digest(given, token.encode())
+    return matched
 
 
 def _refusal(given: bytes, send: str, *, basic: bool = False) -> APIError:

@@ -115,9 +115,18 @@ def _duration(text: str) -> float:
 
 
 def _token(text: str) -> str | None:
+    """One token, or several separated by commas (all accepted: a token is rotated by
+    adding the new one, moving the clients to it, then removing the old one)."""
     if text and (text != text.strip() or any(ord(c) < 33 for c in text)):
         raise ValueError("must not contain spaces or control characters")
+    if text and "" in text.split(","):
+        raise ValueError("must be one token, or several separated by single commas")
     return text or None
+
+
+def tokens(value: str | None) -> tuple[str, ...]:
+    """Return the tokens a token setting accepts (none when it is unset)."""
+    return () if value is None else tuple(value.split(","))
 
 
 def _database_url(text: str) -> str:
@@ -166,6 +175,11 @@ _VARIABLES = {
     # prometheus-client's own variable: where workers share their samples.
     "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", str),
 }
+# Settings that hold secrets may be read from a file instead, NAME_FILE=path, as Docker and
+# Kubernetes mount secrets (the convention of the postgres image): the secret is then in no
+# process's environment, which `docker inspect` and /proc/PID/environ show.
+_FROM_FILE = ("DATABASE_URL", "AGGREGATOR_API_TOKEN", "AGGREGATOR_READ_TOKEN")
+_MAX_FILE = 65536
 
 
 def sqlite_path(url: str) -> str:
@@ -184,15 +198,41 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     values = {}
     for name, (attr, parse) in _VARIABLES.items():
-        raw = environ.get(name)
+        raw, path = _raw(environ, name)
         is_token = parse is _token
         if raw is None or (raw.strip() == "" and not is_token):
             continue
         try:
             values[attr] = parse(raw if is_token else raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}={_shown(raw, parse)} {exc}") from None
+            # What a secret's file holds is not repeated at all.
+            setting = (f"{name}={_shown(raw, parse)}" if path is None
+                       else f"{name}_FILE={path!r}: the content")
+            raise ConfigError(f"{setting} {exc}") from None
     return Config(**values)
+
+
+def _raw(environ: Mapping[str, str], name: str) -> tuple[str | None, str | None]:
+    """Return a setting's text, and the path of the file it was read from if it came from
+    NAME_FILE (one line: its line ending is not part of the value)."""
+    path = environ.get(name + "_FILE", "") if name in _FROM_FILE else ""
+    if not path:
+        return environ.get(name), None
+    if environ.get(name):
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one of them")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(_MAX_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_FILE={path!r} is not UTF-8 text") from None
+    if len(text) > _MAX_FILE:
+        raise ConfigError(f"{name}_FILE={path!r} is longer than {_MAX_FILE} characters")
+    text = text.rstrip("\r\n")
+    if not text:
+        raise ConfigError(f"{name}_FILE={path!r} is empty")
+    return text, path
 
 
 def _shown(raw: str, parse) -> str:
@@ -213,8 +253,9 @@ def _without_credentials(url: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
-def _set(token: str | None) -> str:
-    return "unset" if token is None else "set"
+def _set(setting: str | None) -> str:
+    count = len(tokens(setting))
+    return {0: "unset", 1: "set"}.get(count, f"set ({count} tokens)")
 
 
 def with_overrides(config: Config, overrides: Mapping[str, object]) -> Config:

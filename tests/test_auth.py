@@ -7,7 +7,7 @@ import base64
 import pytest
 import requests
 
-from tests.helpers import event, table_keys
+from tests.helpers import database_url, event, table_keys
 
 READS = ["/events", "/stats", "/metrics"]
 OPEN = ["/health", "/health/live", "/health/ready", "/openapi.json", "/docs"]
@@ -94,3 +94,47 @@ def test_tokens_never_reach_the_logs(gunicorn):
     assert server.terminate() == 0
     log = server.log_path.read_text()
     assert '"path": "/events"' in log and "SECRET-4242" not in log
+
+
+def test_every_token_of_a_comma_separated_list_is_accepted_and_nothing_else(make_app, db):
+    """Rotation: set "old,new", move the clients to the new token, then drop the old one."""
+    client = make_app(api_token="old-tok,new-tok", read_token="r-one,r-two").test_client()
+    for n, token in enumerate(["old-tok", "new-tok"]):
+        response = client.post("/publish", json=event(str(n)),
+                               headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+    for token in ["old-tok,new-tok", "old-tok,", "old", "new-to", "", "r-one"]:
+        response = client.post("/publish", json=event("x"),
+                               headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, token
+    assert sorted(key[1] for key in table_keys(db)) == ["0", "1"]
+    for authorization in ["Bearer r-one", "Bearer r-two", basic("r-two"), "Bearer old-tok",
+                          "Bearer new-tok"]:
+        assert client.get("/stats", headers={"Authorization": authorization}).status_code == 200
+    for authorization in ["Bearer r-one,r-two", "Bearer r-", basic("r-one,r-two")]:
+        assert client.get("/stats", headers={"Authorization": authorization}).status_code == 401
+
+
+def test_tokens_and_the_database_url_can_be_read_from_files(gunicorn, db, tmp_path):
+    """NAME_FILE=path, as Docker and Kubernetes mount secrets: the secret is in no
+    environment; the file's line ending is not part of it."""
+    secrets = {"AGGREGATOR_API_TOKEN": "w-SECRET-1,w-SECRET-2\n",
+               "AGGREGATOR_READ_TOKEN": "r-SECRET-3\r\n", "DATABASE_URL": database_url(db)}
+    env = {"DATABASE_URL": ""}
+    for name, content in secrets.items():
+        (tmp_path / name).write_text(content, newline="")
+        env[f"{name}_FILE"] = str(tmp_path / name)
+    server = gunicorn(workers=1, env=env)
+    for n, token in enumerate(["w-SECRET-1", "w-SECRET-2"]):
+        response = requests.post(server.url + "/publish", json=[event(str(n))], timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+    assert requests.post(server.url + "/publish", json=[event("x")], timeout=10,
+                         headers={"Authorization": "Bearer r-SECRET-3"}).status_code == 401
+    assert requests.get(server.url + "/stats", timeout=10).status_code == 401
+    stats = requests.get(server.url + "/stats", timeout=10,
+                         headers={"Authorization": "Bearer r-SECRET-3"}).json()
+    assert stats["unique_processed"] == 2 and len(table_keys(db)) == 2
+    assert server.terminate() == 0
+    log = server.log_path.read_text()
+    assert "publish token set (2 tokens), read token set" in log and "SECRET" not in log

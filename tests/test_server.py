@@ -171,6 +171,36 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, v
     assert "s3cret" not in result.stderr
 
 
+@pytest.mark.parametrize("variable,content,why", [
+    ("AGGREGATOR_API_TOKEN", None, "cannot be read: No such file or directory"),
+    ("AGGREGATOR_READ_TOKEN", "", "is empty"),
+    ("AGGREGATOR_READ_TOKEN", "\n", "is empty"),
+    ("AGGREGATOR_API_TOKEN", "s3cret one\n", "the content must not contain spaces"),
+    ("AGGREGATOR_API_TOKEN", "s3cret\nsecond line\n", "the content must not contain"),
+    ("AGGREGATOR_API_TOKEN", "s3cret,,other", "the content must be one token, or several"),
+    ("AGGREGATOR_API_TOKEN", b"\xffs3cret", "is not UTF-8 text"),
+    ("AGGREGATOR_API_TOKEN", "s3cret" * 20000, "is longer than 65536 characters"),
+    ("DATABASE_URL", "mysql://u:s3cret@h/db\n", "the content must be a sqlite:/// or"),
+    ("DATABASE_URL", "both", "DATABASE_URL and DATABASE_URL_FILE are both set"),
+])
+def test_a_bad_setting_file_stops_startup_with_one_line_naming_it(tmp_path, variable, content,
+                                                                  why):
+    secret = tmp_path / "secret"
+    if isinstance(content, bytes):
+        secret.write_bytes(content)
+    elif content is not None and content != "both":
+        secret.write_text(content)
+    env = {f"{variable}_FILE": str(secret)}
+    if content == "both":
+        secret.write_text(f"sqlite:///{tmp_path}/d.db")  # set in the environment as well
+    else:
+        env["DATABASE_URL"] = ""
+    result = gunicorn_that_exits(tmp_path, "127.0.0.1:1", **env)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{variable}_FILE" in lines[0] and why in lines[0], lines
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
 @pytest.mark.backends("sqlite")
 def test_start_up_logs_the_settings_in_force_and_no_secret(gunicorn, db):
     """One line in the master's log says what the server runs with, gunicorn's flags
