@@ -100,6 +100,30 @@ _rate.__name__ = "rate (0 to 10)"
 _seconds.__name__ = "seconds"
 _topics.__name__ = "topic list"
 
+TOKEN_FILE_HELP = ("read the token from this file (its one line), so that it is in no "
+                   "process list or environment")
+MAX_TOKEN_FILE = 65536
+
+
+def read_token_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set args.token from --token-file, if given; exit 2 (a usage error) when the file
+    cannot be read or is empty, or --token is given as well."""
+    if not args.token_file:
+        return
+    if args.token:
+        parser.error("give --token or --token-file, not both")
+    try:
+        with open(args.token_file, encoding="utf-8") as file:
+            text = file.read(MAX_TOKEN_FILE + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        parser.error(f"argument --token-file: {reason}: {args.token_file}")
+    args.token = text.rstrip("\r\n")
+    if not args.token or len(text) > MAX_TOKEN_FILE:
+        parser.error(f"argument --token-file: {'too long' if args.token else 'empty'}: "
+                     f"{args.token_file}")
+
+
 # option -> (environment variable, default, type, help)
 OPTIONS = {
     "--url": ("PUBLISHER_URL", "http://127.0.0.1:8080", _url, "aggregator base URL"),
@@ -113,6 +137,7 @@ OPTIONS = {
     "--seed": ("PUBLISHER_SEED", None, _non_negative,
                "seed for ids and order (default: random, printed)"),
     "--token": ("PUBLISHER_TOKEN", None, str, "bearer token for /publish"),
+    "--token-file": ("PUBLISHER_TOKEN_FILE", None, str, TOKEN_FILE_HELP),
     "--wait": ("PUBLISHER_WAIT", None, _wait,
                "seconds to wait for /health first, or 'unlimited' (default: 30; "
                "unlimited with --retries unlimited)"),
@@ -144,6 +169,7 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                         default=environ.get("PUBLISHER_JSON", "") not in ("", "0", "false"),
                         help="print the summary as JSON [env PUBLISHER_JSON]")
     args = parser.parse_args(argv)
+    read_token_file(parser, args)
     if args.rejects and not args.file:
         parser.error("--rejects goes with --file")
     if args.seed is None:

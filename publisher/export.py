@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from .cli import UsageError, _opened, _positive, _retries, _url
+from .cli import TOKEN_FILE_HELP, UsageError, _opened, _positive, _retries, _url, read_token_file
 from .client import Publisher, PublishError
 
 # What a publisher sends of an event. received_at is the aggregator's own (when it received
@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
     parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN"),
                         help="the read token, or the publish token, when the aggregator "
                              "needs one [env PUBLISHER_TOKEN]")
+    parser.add_argument("--token-file", default=environ.get("PUBLISHER_TOKEN_FILE"),
+                        help=f"{TOKEN_FILE_HELP} [env PUBLISHER_TOKEN_FILE]")
     for name, text in FILTERS.items():
         parser.add_argument(f"--{name}", help=f"only events {text}, as GET /events?{name}= "
                                               "takes it")
@@ -113,6 +115,7 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                         help="retries per page on connection errors, 408, 429 and "
                              "502/503/504 ('unlimited': until it answers, or Ctrl-C)")
     args = parser.parse_args(argv)
+    read_token_file(parser, args)
     if args.page_size > MAX_PAGE:
         parser.error(f"argument --page-size: at most {MAX_PAGE}")
     return args

@@ -85,7 +85,7 @@ def test_filters_choose_what_is_exported(gunicorn, tmp_path):
     assert all(set(e) == {"topic", "event_id", "timestamp", "source", "payload"} for e in lines)
 
 
-def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn):
+def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn, tmp_path):
     server = gunicorn(env={"AGGREGATOR_READ_TOKEN": "r-tok"})
     bad_filter = run("publisher.export", "--url", server.url, "--token", "r-tok",
                      "--since", "yesterday")
@@ -95,6 +95,12 @@ def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn):
     assert no_token.returncode == 2 and "HTTP 401" in no_token.stderr
     assert "go on" not in no_token.stderr and "again" not in no_token.stderr
     assert run("publisher.export", "--url", server.url, "--token", "r-tok").returncode == 0
+    token_file = tmp_path / "read-token"
+    token_file.write_text("r-tok\n")
+    assert run("publisher.export", "--url", server.url, "--token-file",
+               str(token_file)).returncode == 0
+    missing = run("publisher.export", "--url", server.url, "--token-file", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "--token-file: No such file" in missing.stderr
 
 
 @pytest.mark.parametrize("cut", ["the server dies", "SIGTERM", "SIGINT"])

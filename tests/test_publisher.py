@@ -539,3 +539,28 @@ def test_wrong_token_exits_1_with_one_line(gunicorn):
     assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
     right = run_publisher("--url", server.url, "--events", "50", "--token", "right")
     assert right.returncode == 0, right.stderr
+
+
+@pytest.mark.backends("sqlite")  # the publisher's options; the store plays no part
+def test_the_token_can_come_from_a_file_and_a_bad_file_exits_2_naming_it(gunicorn, tmp_path):
+    server = gunicorn(env={"AGGREGATOR_API_TOKEN": "right"})
+    good, empty = tmp_path / "token", tmp_path / "empty"
+    good.write_text("right\n")
+    empty.write_text("\n")
+    by_option = run_publisher("--url", server.url, "--events", "50", "--token-file", str(good),
+                              "--json")
+    assert by_option.returncode == 0, by_option.stderr
+    by_env = run_publisher("--url", server.url, "--events", "50", "--json",
+                           PUBLISHER_TOKEN_FILE=str(good))
+    assert by_env.returncode == 0, by_env.stderr
+    assert json.loads(by_env.stdout)["acknowledged"] == 60
+    for args, words in [(("--token-file", str(tmp_path / "none")),
+                         f"--token-file: No such file or directory: {tmp_path / 'none'}"),
+                        (("--token-file", str(empty)), f"--token-file: empty: {empty}"),
+                        (("--token-file", str(tmp_path)), "--token-file: Is a directory"),
+                        (("--token-file", str(good), "--token", "right"),
+                         "give --token or --token-file, not both")]:
+        result = run_publisher("--url", server.url, "--events", "50", *args, "--wait", "0")
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+    stats = requests.get(server.url + "/stats", timeout=5).json()
+    assert stats["received"] == 120
