@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import errors, logs, pages, views
 from .body import BodyBudget
-from .config import Config, from_env, with_overrides
+from .config import Config, in_force, with_overrides
 from .ingest import Ingestor
 from .metrics import Metrics
 from .openapi import build_spec
@@ -21,8 +21,9 @@ __version__ = "0.1.0"
 
 
 def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
-    """Build the app: settings from the environment first, test overrides second."""
-    config: Config = from_env()
+    """Build the app: the settings in force (the environment's, or those the gunicorn master
+    checked) first, test overrides second."""
+    config: Config = in_force()
     if test_config:
         config = with_overrides(config, test_config)
     logs.configure()

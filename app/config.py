@@ -212,6 +212,33 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
     return Config(**values)
 
 
+# The settings the gunicorn master read, inherited by the workers it forks (see in_force).
+_kept: Config | None = None
+
+
+def keep(config: Config) -> None:
+    """Make config the settings in force in this process and the workers it forks."""
+    global _kept
+    _kept = config
+
+
+def kept() -> Config | None:
+    """Return the settings kept by keep(), or None when nothing kept any."""
+    return _kept
+
+
+def in_force() -> Config:
+    """Return the settings the gunicorn master keeps, which its workers inherit, or, in a
+    process that keeps none, those of the environment now.
+
+    A worker does not read the environment itself: a secret's file (NAME_FILE) may have
+    changed since the master read it. After a reload (SIGHUP) the master keeps the new
+    settings if they are valid, and the ones before if not; either way each worker runs
+    with settings the master checked.
+    """
+    return _kept if _kept is not None else from_env()
+
+
 def _raw(environ: Mapping[str, str], name: str) -> tuple[str | None, str | None]:
     """Return a setting's text, and the path of the file it was read from if it came from
     NAME_FILE (one line: its line ending is not part of the value)."""

@@ -3,6 +3,7 @@ GUNICORN_CMD_ARGS, and the app's own settings come from the environment (app/con
 
 import atexit
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -50,6 +51,7 @@ _cap_malloc_arenas()
 
 from gunicorn import util as _gunicorn_util  # noqa: E402
 
+from app import config as _settings  # noqa: E402
 from app.config import ConfigError, from_env  # noqa: E402
 from app.errors import write_server_error  # noqa: E402
 
@@ -58,11 +60,22 @@ from app.errors import write_server_error  # noqa: E402
 # JSON for every error, so its error writer is swapped for one that writes our shape.
 _gunicorn_util.write_error = write_server_error
 
+# gunicorn runs this file again in the master on SIGHUP (a reload), then forks new workers:
+# the way to take a changed secret's file (AGGREGATOR_API_TOKEN_FILE and so on) without a
+# restart.
+_reloading = _settings.kept() is not None
 try:
     _config = from_env()
 except ConfigError as exc:
-    # One clear line, no traceback, non-zero exit.
-    sys.exit(f"aggregator: bad configuration: {exc}")
+    if not _reloading:
+        # One clear line, no traceback, non-zero exit.
+        sys.exit(f"aggregator: bad configuration: {exc}")
+    # A bad setting on reload keeps the settings in force, as nginx keeps its configuration
+    # when a reload finds an error: the new workers start with those, the server stays up.
+    logging.getLogger("gunicorn.error").error(
+        "aggregator: bad configuration on reload, the settings in force are kept: %s", exc)
+    _config = _settings.kept()
+_settings.keep(_config)
 
 # --- Server socket ---
 bind = _config.bind
@@ -151,9 +164,18 @@ def on_starting(server):
             _config.start_timeout, reason))
     except (StoreError, OSError) as exc:
         sys.exit("aggregator: database unavailable: " + " ".join(str(exc).split()))
+    _log_settings(server, "")
+
+
+def on_reload(server):
+    """Log the settings in force after a reload (SIGHUP), before the new workers start."""
+    _log_settings(server, " (reloaded)")
+
+
+def _log_settings(server, when: str) -> None:
     from app import __version__
 
-    server.log.info("aggregator %s: %d workers of %d threads; %s", __version__,
+    server.log.info("aggregator %s%s: %d workers of %d threads; %s", __version__, when,
                     server.cfg.workers, server.cfg.threads, _config.summary())
 
 

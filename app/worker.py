@@ -43,7 +43,7 @@ import time
 
 from gunicorn.workers import gthread
 
-from .config import from_env
+from .config import in_force
 from .deadlines import STEP, WATCHER
 from .errors import raw_error
 
@@ -164,7 +164,7 @@ class ThreadWorker(gthread.ThreadWorker):
     """gunicorn's gthread worker (`worker_class = "app.worker.ThreadWorker"`)."""
 
     def init_process(self):
-        config = from_env()  # checked by the master already
+        config = in_force()  # the master's, checked
         self.header_timeout, self.send_timeout = config.header_timeout, config.send_timeout
         _StepSocket.step_timeout = config.send_timeout
         super().init_process()
