@@ -64,17 +64,41 @@ _gunicorn_util.write_error = write_server_error
 # the way to take a changed secret's file (AGGREGATOR_API_TOKEN_FILE and so on) without a
 # restart.
 _reloading = _settings.kept() is not None
-try:
-    _config = from_env()
-except ConfigError as exc:
-    if not _reloading:
+
+
+def _reloaded(previous):
+    """Return the settings to keep on a reload: the new ones if valid, and if they name
+    another database, one that opens (a worker that cannot open it fails to boot, and
+    gunicorn then stops); else, with one error line, the previous ones. So a bad setting
+    on reload leaves the server up, as nginx keeps its configuration when a reload finds
+    an error."""
+    log = logging.getLogger("gunicorn.error")
+    try:
+        config = from_env()
+    except ConfigError as exc:
+        log.error("aggregator: bad configuration on reload, the settings in force are "
+                  "kept: %s", exc)
+        return previous
+    if config.database_url != previous.database_url:
+        from app.store import StoreError, open_store
+
+        try:
+            open_store(config).close()
+        except (StoreError, OSError) as exc:
+            log.error("aggregator: database unavailable on reload, the settings in force "
+                      "are kept: %s", " ".join(str(exc).split()))
+            return previous
+    return config
+
+
+if _reloading:
+    _config = _reloaded(_settings.kept())
+else:
+    try:
+        _config = from_env()
+    except ConfigError as exc:
         # One clear line, no traceback, non-zero exit.
         sys.exit(f"aggregator: bad configuration: {exc}")
-    # A bad setting on reload keeps the settings in force, as nginx keeps its configuration
-    # when a reload finds an error: the new workers start with those, the server stays up.
-    logging.getLogger("gunicorn.error").error(
-        "aggregator: bad configuration on reload, the settings in force are kept: %s", exc)
-    _config = _settings.kept()
 _settings.keep(_config)
 
 # --- Server socket ---

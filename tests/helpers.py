@@ -246,6 +246,19 @@ class GunicornServer:
         return [json.loads(line) for line in self.log_path.read_text().splitlines()
                 if line.startswith("{")]
 
+    def messages(self, prefix: str = "") -> list[str]:
+        """Return the messages of the server's log records that start with prefix."""
+        return [r["message"] for r in self.log_records() if r["message"].startswith(prefix)]
+
+    def reload(self, workers_before: int) -> None:
+        """Send SIGHUP to the master; return once its new workers have booted and the
+        workers_before it had have exited."""
+        booted, exited = len(self.messages("Booting worker")), len(self.messages("Worker exiting"))
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(self.messages("Booting worker")) >= booted + workers_before
+                 and len(self.messages("Worker exiting")) >= exited + workers_before, 40,
+                 "the reload's new workers", interval=0.2)
+
     def terminate(self, timeout: float = 40.0) -> int:
         """Send SIGTERM to the master and return its exit code."""
         self.proc.send_signal(signal.SIGTERM)

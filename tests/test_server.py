@@ -202,6 +202,35 @@ def test_a_bad_setting_file_stops_startup_with_one_line_naming_it(tmp_path, vari
 
 
 @pytest.mark.backends("sqlite")
+def test_sighup_moves_to_a_database_that_opens_and_keeps_the_one_in_force_otherwise(
+        gunicorn, tmp_path):
+    """A DATABASE_URL_FILE that names another database (a rotated password, a move) is
+    taken on SIGHUP if that database opens; one that does not open keeps the server up on
+    the database in force, where a worker that cannot open it would stop gunicorn."""
+    url_file, first, second = tmp_path / "url", tmp_path / "first.db", tmp_path / "second.db"
+    url_file.write_text(f"sqlite:///{first}\n")
+    server = gunicorn(workers=2, env={"DATABASE_URL": "", "DATABASE_URL_FILE": str(url_file)})
+
+    def publish(event_id: str) -> None:
+        response = requests.post(server.url + "/publish", json=[event(event_id)], timeout=10)
+        assert response.status_code == 200
+
+    publish("a")
+    url_file.write_text(f"sqlite:///{first}/x.db\n")  # under a file: cannot be made
+    server.reload(workers_before=2)
+    assert server.proc.poll() is None
+    assert server.messages("aggregator: database unavailable on reload, the settings in "
+                           "force are kept: ")
+    publish("b")
+    url_file.write_text(f"sqlite:///{second}\n")
+    server.reload(workers_before=2)
+    publish("c")
+    assert server.terminate() == 0
+    assert [key[1] for key in table_keys(first)] == ["a", "b"]
+    assert [key[1] for key in table_keys(second)] == ["c"]
+
+
+@pytest.mark.backends("sqlite")
 def test_start_up_logs_the_settings_in_force_and_no_secret(gunicorn, db):
     """One line in the master's log says what the server runs with, gunicorn's flags
     included (--workers beats WEB_CONCURRENCY), and never a token."""
