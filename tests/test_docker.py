@@ -224,6 +224,41 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     assert json.loads(second.stdout.splitlines()[-1])["duplicates"] == 200
 
 
+@pytest.fixture
+def compose_with_secret(tmp_path):
+    """The default profile with README's compose.override.yaml, its token file in tmp_path."""
+    readme = (ROOT / "README.md").read_text()
+    override = readme.split("```yaml\nservices:\n  aggregator:\n    environment: "
+                            "{AGGREGATOR_API_TOKEN_FILE", 1)[1].split("```", 1)[0]
+    override = "services:\n  aggregator:\n    environment: {AGGREGATOR_API_TOKEN_FILE" + override
+    assert "./api_token.txt" in override
+    token = tmp_path / "api_token.txt"
+    token.write_text("tok-1\n")
+    (tmp_path / "override.yaml").write_text(override.replace("./api_token.txt", str(token)))
+    for run in compose_project("-f", "compose.yaml", "-f", str(tmp_path / "override.yaml")):
+        run.token = token
+        yield run
+
+
+def test_compose_token_as_a_secret_file_is_in_no_environment_and_sighup_rotates_it(
+        compose_with_secret):
+    compose = compose_with_secret
+    up_and_publish(compose, "publisher")
+
+    def status(token: str) -> int:
+        return requests.post(compose.url + "/publish", json=[], timeout=10,
+                             headers={"Authorization": f"Bearer {token}"}).status_code
+
+    assert (status("tok-1"), status("tok-2")) == (200, 401)
+    for service in ("aggregator", "publisher"):
+        assert "tok-" not in json.dumps(inspect_container(compose, service)["Config"]["Env"])
+    compose.token.write_text("tok-2\n")  # in place: the container sees the same file
+    assert compose("kill", "-s", "HUP", "aggregator").returncode == 0
+    wait_for(lambda: status("tok-2") == 200, 30, "the reloaded workers", interval=0.5)
+    assert status("tok-1") == 401 and healthy(compose, "aggregator")
+    assert stats(compose.url)["unique_processed"] == 5000
+
+
 REPLICAS = ("aggregator-1", "aggregator-2", "aggregator-3")
 CLUSTER = ("postgres", *REPLICAS, "nginx")
 COUNTS = ("received", "unique_processed", "duplicate_dropped", "topics")
