@@ -62,8 +62,8 @@ _gunicorn_util.write_error = write_server_error
 
 # gunicorn runs this file again in the master on SIGHUP (a reload), then forks new workers:
 # the way to take a changed secret's file (AGGREGATOR_API_TOKEN_FILE and so on) without a
-# restart.
-_reloading = _settings.kept() is not None
+# restart. The settings an earlier run of this file kept tell a reload from the start.
+_previous = _settings.kept()
 
 
 def _reloaded(previous):
@@ -91,8 +91,8 @@ def _reloaded(previous):
     return config
 
 
-if _reloading:
-    _config = _reloaded(_settings.kept())
+if _previous is not None:
+    _config = _reloaded(_previous)
 else:
     try:
         _config = from_env()

@@ -119,9 +119,10 @@ def read_token_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         parser.error(f"argument --token-file: {reason}: {args.token_file}")
     args.token = text.rstrip("\r\n")
-    if not args.token or len(text) > MAX_TOKEN_FILE:
-        parser.error(f"argument --token-file: {'too long' if args.token else 'empty'}: "
-                     f"{args.token_file}")
+    if not args.token:
+        parser.error(f"argument --token-file: empty: {args.token_file}")
+    if len(text) > MAX_TOKEN_FILE:
+        parser.error(f"argument --token-file: too long: {args.token_file}")
 
 
 # option -> (environment variable, default, type, help)

@@ -237,8 +237,7 @@ def test_start_up_logs_the_settings_in_force_and_no_secret(gunicorn, db):
     server = gunicorn(workers=2, env={"AGGREGATOR_API_TOKEN": "w-SECRET-77",
                                       "AGGREGATOR_RETENTION": "30d", "AGGREGATOR_WRITERS": "2",
                                       "GUNICORN_CMD_ARGS": "--workers 3"})
-    lines = [r["message"] for r in server.log_records()
-             if r["message"].startswith("aggregator 0.1.0: ")]
+    lines = server.messages("aggregator 0.1.0: ")
     assert lines == [f"aggregator 0.1.0: 3 workers of 8 threads; database sqlite:///{db}; 2 "
                      "writers and a queue of 64 batches per worker; max batch 10000 events, "
                      "max body 16777216 bytes; retention 30 days; publish token set, read "
