@@ -415,7 +415,7 @@ def publish(args: argparse.Namespace) -> Summary:
             batches = file_batches(stream, args.batch_size, sender.reject_line,
                                    linger=args.linger)
         else:
-            batches = generated_batches(EventFactory(args.seed, args.topics), order,
+            batches = generated_batches(EventFactory(args.seed, args.topics, args.events), order,
                                         args.batch_size)
         start = time.monotonic()
         sender.run(batches, args.concurrency)

@@ -57,12 +57,18 @@ class Batch:
 
 
 class EventFactory:
-    """Make event number i the same way every time for a given seed."""
+    """Make event number i of `events` the same way every time for a given seed.
 
-    def __init__(self, seed: int, topics: list[str], start: datetime | None = None):
+    Their timestamps are about 7 ms apart, in the order of their numbers, the last one
+    just before `end` (now by default): a simulated log has no event from the future.
+    """
+
+    def __init__(self, seed: int, topics: list[str], events: int,
+                 end: datetime | None = None):
         self.seed = seed
         self.topics = topics
-        self.start = start or datetime.now(UTC).replace(microsecond=0)
+        self.start = ((end or datetime.now(UTC)).replace(microsecond=0)
+                      - timedelta(milliseconds=7 * events))
 
     def event(self, i: int) -> dict:
         """Return event i: its id, topic, time and payload depend only on (seed, i)."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,6 +21,7 @@ from tests.helpers import (
     ROOT,
     GunicornServer,
     event,
+    every_event,
     free_port,
     table_keys,
     write_lock_held_outside,
@@ -70,6 +72,12 @@ def test_generated_events_with_duplicates_end_with_exact_counts(gunicorn, db):
     assert (stats["received"], stats["unique_processed"], stats["duplicate_dropped"]) == (
         6000, 5000, 1000)
     assert len(table_keys(db)) == 5000
+    # Simulated logs end now: no timestamp from the future, and they follow the numbers.
+    events = every_event(server.url)
+    when = datetime.fromisoformat
+    assert all(when(e["timestamp"]) < when(e["received_at"]) for e in events)
+    by_number = sorted(events, key=lambda e: int(e["event_id"].split("-")[1]))
+    assert [e["timestamp"] for e in by_number] == sorted(e["timestamp"] for e in events)
 
 
 def test_same_seed_again_is_all_duplicates(gunicorn):
