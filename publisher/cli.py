@@ -166,9 +166,13 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
         shown = "" if default is None else f"; default {default}"
         parser.add_argument(option, default=environ.get(variable, default), type=kind,
                             help=f"{text} [env {variable}{shown}]")
-    parser.add_argument("--json", action="store_true",
-                        default=environ.get("PUBLISHER_JSON", "") not in ("", "0", "false"),
-                        help="print the summary as JSON [env PUBLISHER_JSON]")
+    for option, variable, text in (
+            ("--gzip", "PUBLISHER_GZIP", "send each batch gzipped: about 8 times fewer bytes "
+                                         "for some CPU on both sides"),
+            ("--json", "PUBLISHER_JSON", "print the summary as JSON")):
+        parser.add_argument(option, action="store_true",
+                            default=environ.get(variable, "") not in ("", "0", "false"),
+                            help=f"{text} [env {variable}]")
     args = parser.parse_args(argv)
     read_token_file(parser, args)
     if args.rejects and not args.file:
@@ -397,7 +401,7 @@ def publish(args: argparse.Namespace) -> Summary:
     """Wait for the aggregator, send everything, and return the summary."""
     publisher = Publisher(args.url, token=args.token, retries=args.retries,
                           max_backoff=args.max_backoff, pool_size=args.concurrency,
-                          on_retry=_say_retrying)
+                          on_retry=_say_retrying, compress=args.gzip)
     summary = Summary(url=args.url, seed=None if args.file else args.seed)
     with ExitStack() as stack:
         stack.callback(publisher.close)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+import gzip
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -481,6 +484,7 @@ class FlakyProxy(BaseHTTPRequestHandler):
     target = ""
     lock = threading.Lock()
     seen = 0
+    posts: list[tuple[str | None, bytes]] = []  # (Content-Encoding, body) of each POST
 
     def do_GET(self):
         self._forward(b"")
@@ -489,6 +493,7 @@ class FlakyProxy(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with FlakyProxy.lock:
             FlakyProxy.seen += 1
+            FlakyProxy.posts.append((self.headers.get("Content-Encoding"), body))
             refuse = FlakyProxy.refusals > 0
             FlakyProxy.refusals -= refuse
         if refuse:
@@ -501,9 +506,10 @@ class FlakyProxy(BaseHTTPRequestHandler):
         self._forward(body)
 
     def _forward(self, body: bytes):
+        headers = {name: self.headers[name] for name in ("Content-Type", "Content-Encoding")
+                   if name in self.headers}
         response = requests.request(self.command, self.target + self.path, data=body or None,
-                                    headers={"Content-Type": self.headers.get("Content-Type",
-                                                                              "")}, timeout=30)
+                                    headers=headers, timeout=30)
         self.send_response(response.status_code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(response.content)))
@@ -514,24 +520,31 @@ class FlakyProxy(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("status", [503, 408])  # 408: the body stalled (server or proxy)
-def test_retries_on_503_or_408_with_retry_after_and_counts_stay_exact(gunicorn, status):
-    server = gunicorn()
-    FlakyProxy.target, FlakyProxy.refusals, FlakyProxy.seen = server.url, 4, 0
-    FlakyProxy.status = status
+@contextlib.contextmanager
+def flaky_proxy(target: str, refusals: int = 0, status: int = 503) -> Iterator[str]:
+    """Run a FlakyProxy in front of target that refuses the first POSTs with status; yield
+    its URL. FlakyProxy.seen and .posts then tell what it was sent."""
+    FlakyProxy.target, FlakyProxy.refusals, FlakyProxy.status = target, refusals, status
+    FlakyProxy.seen, FlakyProxy.posts = 0, []
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxy)
     thread = threading.Thread(target=proxy.serve_forever)
     thread.start()
     try:
-        start = time.monotonic()
-        result = run_publisher("--url", f"http://127.0.0.1:{proxy.server_port}", "--events",
-                               "1000", "--duplicate-rate", "0.3", "--batch-size", "100",
-                               "--concurrency", "2", "--json")
-        elapsed = time.monotonic() - start
+        yield f"http://127.0.0.1:{proxy.server_port}"
     finally:
         proxy.shutdown()
         thread.join()
         proxy.server_close()
+
+
+@pytest.mark.parametrize("status", [503, 408])  # 408: the body stalled (server or proxy)
+def test_retries_on_503_or_408_with_retry_after_and_counts_stay_exact(gunicorn, status):
+    server = gunicorn()
+    with flaky_proxy(server.url, refusals=4, status=status) as url:
+        start = time.monotonic()
+        result = run_publisher("--url", url, "--events", "1000", "--duplicate-rate", "0.3",
+                               "--batch-size", "100", "--concurrency", "2", "--json")
+        elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["unique"], summary["duplicates"], summary["failed"]) == (1000, 300, 0)
@@ -539,6 +552,26 @@ def test_retries_on_503_or_408_with_retry_after_and_counts_stay_exact(gunicorn, 
     assert elapsed >= 1.0
     stats = requests.get(server.url + "/stats", timeout=5).json()
     assert (stats["received"], stats["unique_processed"]) == (1300, 1000)
+
+
+def test_gzip_sends_every_batch_compressed_split_ones_too_and_counts_stay_exact(gunicorn,
+                                                                               db):
+    server = gunicorn(env={"AGGREGATOR_MAX_BATCH": "100"})  # batches of 250 go in halves
+    with flaky_proxy(server.url) as url:
+        result = run_publisher("--url", url, "--events", "1000", "--duplicate-rate", "0.1",
+                               "--batch-size", "250", "--gzip", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["acknowledged"], summary["unique"], summary["failed"]) == (1100, 1000, 0)
+    assert len(table_keys(db)) == 1000
+    # 1100 events: 4 batches of 250, refused, their 8 halves of 125, refused, then 16 of 62
+    # or 63; and one of 100.
+    assert [encoding for encoding, _ in FlakyProxy.posts] == ["gzip"] * 29
+    sizes = sorted(len(json.loads(gzip.decompress(body))) for _, body in FlakyProxy.posts)
+    assert sizes == [62] * 8 + [63] * 8 + [100] + [125] * 8 + [250] * 4
+    wire = sum(len(body) for _, body in FlakyProxy.posts)
+    plain = sum(len(gzip.decompress(body)) for _, body in FlakyProxy.posts)
+    assert plain > 5 * wire
 
 
 def test_wrong_token_exits_1_with_one_line(gunicorn):
