@@ -10,7 +10,7 @@ from flask import Flask, Response, render_template, request, url_for
 from .store import Counters, StoredEvent
 
 REFRESH_SECONDS = 5
-PAGE_PARAMS = ("topic", "source", "since", "until", "limit", "after", "live")
+PAGE_PARAMS = ("topic", "event_id", "source", "since", "until", "limit", "after", "live")
 # The page names at most this many topics (the largest); past it, the topic filter is a
 # text field suggesting them, so a store of many thousand topics keeps a small page.
 TOPICS_SHOWN = 50

@@ -109,7 +109,7 @@ class _Checked(fields.Field):
 
 
 class Name(_Checked):
-    """A required string of 1..255 characters with no control characters."""
+    """A string of 1..255 characters with no control characters."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, str):
@@ -270,8 +270,14 @@ class EventsQuerySchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    topic = fields.String(validate=validate.Length(1, NAME_MAX))
-    source = fields.String(validate=validate.Length(1, NAME_MAX))
+    # As in an event: a value no event can hold is refused, not looked for (PostgreSQL's
+    # text cannot even be compared with a NUL).
+    topic = Name()
+    event_id = Name(metadata={
+        "description": "the events of this id: with topic, that one event; without, one "
+                       "per topic at most (the same event_id under two topics is two "
+                       "events), looked up in each topic"})
+    source = Name()
     since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, inclusive"})
     until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, exclusive"})
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000), metadata={

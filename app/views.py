@@ -124,7 +124,8 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
     page, by count or by size, which says that another page follows."""
     limit = args["limit"]
     query = EventQuery(
-        topic=args.get("topic"), source=args.get("source"), since=args.get("since"),
+        topic=args.get("topic"), event_id=args.get("event_id"), source=args.get("source"),
+        since=args.get("since"),
         until=args.get("until"), after=args.get("after"), limit=limit + 1,
         descending=args["order"] == "desc", max_bytes=_config().max_page_bytes)
     rows = _store().events(query)

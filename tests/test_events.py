@@ -107,6 +107,39 @@ def test_topic_filter_pages_with_cursor(client, filled):
     assert rest["next_cursor"] is None
 
 
+def test_a_topic_and_an_event_id_find_that_one_event(client, filled):
+    assert ids(client.get("/events?topic=a&event_id=e3")) == ["e3"]
+    assert ids(client.get("/events?topic=b&event_id=e3&order=desc")) == []
+    assert ids(client.get("/events?topic=a&event_id=e3&source=s2")) == ["e3"]
+    assert ids(client.get("/events?topic=a&event_id=e3&since=2025-10-18T00:30:00Z")) == ["e3"]
+    assert ids(client.get("/events?topic=a&event_id=e3&since=2025-10-18T00:31:00Z")) == []
+    # The same id under two topics is two events, each found under its own.
+    twins = [event("twin", topic="x", payload={"n": 1}), event("twin", topic="y",
+                                                                 payload={"n": 2})]
+    assert client.post("/publish", json=twins).json["unique_processed"] == 2
+    for topic, n in (("x", 1), ("y", 2)):
+        page = client.get(f"/events?topic={topic}&event_id=twin").json
+        assert [e["payload"] for e in page["events"]] == [{"n": n}]
+        assert page["next_cursor"] is None
+
+
+def test_an_event_id_alone_finds_it_in_every_topic_that_holds_it(client, filled):
+    assert ids(client.get("/events?event_id=e4")) == ["e4"]
+    assert ids(client.get("/events?event_id=nowhere")) == []
+    same = [event("req-7", topic=topic, source=topic) for topic in ("x", "a", "y")]
+    client.post("/publish", json=[event("e4", topic="z"), *same])
+    assert [(e["topic"], e["event_id"]) for e in client.get(
+        "/events?event_id=e4").json["events"]] == [("b", "e4"), ("z", "e4")]
+    for order, topics in (("asc", ["x", "a", "y"]), ("desc", ["y", "a", "x"])):
+        first = client.get(f"/events?event_id=req-7&order={order}&limit=2").json
+        rest = client.get(f"/events?event_id=req-7&order={order}&limit=2"
+                          f"&after={first['next_cursor']}").json
+        assert [e["topic"] for e in first["events"] + rest["events"]] == topics
+        assert rest["next_cursor"] is None
+    assert ids(client.get("/events?event_id=req-7&source=a")) == ["req-7"]
+    assert ids(client.get("/events?event_id=e4&until=2025-10-18T00:00:00Z")) == []
+
+
 def test_event_fields_are_returned(client, filled):
     first = client.get("/events", query_string={"limit": 1}).json["events"][0]
     assert set(first) == {"topic", "event_id", "timestamp", "source", "payload", "received_at"}
@@ -206,7 +239,9 @@ def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunic
 @pytest.mark.parametrize("param,value", [
     ("limit", "0"), ("limit", "1001"), ("limit", "ten"), ("order", "sideways"),
     ("since", "yesterday"), ("until", "2025-10-18T03:00:00"), ("after", "not-a-cursor"),
-    ("topic", ""),
+    ("topic", ""), ("event_id", ""), ("event_id", "x" * 256),
+    # No event holds a control character; PostgreSQL cannot even compare text with a NUL.
+    ("topic", "a\x00b"), ("source", "\x00"), ("event_id", "a\x1fb"), ("event_id", "\x00"),
 ])
 def test_bad_query_parameter_is_400_naming_it(client, param, value):
     response = client.get("/events", query_string={param: value})
@@ -236,7 +271,8 @@ def test_an_unknown_query_parameter_is_400_naming_it(client, filled, query):
     (name,) = response.json["errors"]
     assert name in query and name != "topic"
     assert "Unknown parameter" in response.json["errors"][name][0]
-    assert "topic, source, since, until, limit, after, order" in response.json["errors"][name][0]
+    assert ("topic, event_id, source, since, until, limit, after, order"
+            in response.json["errors"][name][0])
 
 
 def test_the_pages_own_parameter_is_let_through(client, filled):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,25 @@ def test_page_filters_by_the_form_parameters(client):
                       headers=HTML).get_data(as_text=True)
     assert ">a1<" in html and ">a2<" not in html and ">b1<" not in html
     assert '<option value="a" selected>' in html
+
+
+def test_each_event_id_links_to_that_event_alone(client):
+    """The link names the pair, encoded: an id with &, spaces or markup, and the same id
+    under another topic, still lead to the one event."""
+    odd = 'a&b c?d=<i>"x"#'
+    client.post("/publish", json=[event(odd, topic="t/1", payload={"n": 1}),
+                                  event(odd, topic="t 2", payload={"n": 2}),
+                                  event("other", topic="t/1")])
+    html = client.get("/events", headers=HTML).get_data(as_text=True)
+    links = re.findall(r'<td class="id" data-label="Event ID"><a href="([^"]+)"', html)
+    found = []
+    for link in map(unescape, links):
+        page = client.get(link, headers=HTML).get_data(as_text=True)
+        assert page.count('<td class="id"') == 1
+        (one,) = client.get(link).json["events"]
+        found.append((one["topic"], one["event_id"], one["payload"]))
+    assert sorted(found) == [("t 2", odd, {"n": 2}), ("t/1", odd, {"n": 1}),
+                             ("t/1", "other", {"n": "other"})]
 
 
 def publish_60_topics(post) -> None:
@@ -175,6 +195,13 @@ def test_browser_sees_rows_filters_pages_and_never_runs_event_script(browser, gu
     page.wait_for_url(lambda url: "after=" not in url)
     assert page.evaluate("typeof window.pwned") == "undefined"
 
+    page.goto(server.url + "/events?limit=25")  # an event's id leads to it alone
+    page.click("tbody tr:first-child td.id a")
+    page.wait_for_url("**event_id=xss**")
+    assert page.locator("tbody tr").count() == 1
+    assert page.input_value("input[name=event_id]") == "xss"
+    assert page.evaluate("typeof window.pwned") == "undefined"
+
     page.set_viewport_size({"width": 375, "height": 800})
     page.goto(server.url + "/events?limit=5")
     width = page.evaluate("document.documentElement.scrollWidth")
@@ -208,6 +235,6 @@ def test_live_mode_refreshes_and_shows_new_events(browser, gunicorn):
     page.click("text=Watch live")
     page.wait_for_url("**live=1**")
     requests.post(server.url + "/publish", json=[event("second")], timeout=10)
-    page.wait_for_selector("td:text-is('second')", timeout=15_000)
+    page.wait_for_selector("td.id a:text-is('second')", timeout=15_000)
     assert json.loads(page.evaluate("JSON.stringify(window.pwned ?? null)")) is None
     page.close()

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from app.store import Batch, EventQuery, SQLiteStore
-from app.store.sql import BLOCK_BITS
+from app.store.sql import BLOCK_BITS, read_page
 
 HOUR = 3600 * 10**6
 EVENTS = 30_000
@@ -58,6 +58,7 @@ def reference(rows, query: EventQuery) -> list[str]:
     """Every matching event_id, in the order the query asks for (seq = position + 1)."""
     found = [row[1] for row in rows
              if (query.topic is None or row[0] == query.topic)
+             and (query.event_id is None or row[1] == query.event_id)
              and (query.source is None or row[4] == query.source)
              and (query.since is None or row[2] >= query.since)
              and (query.until is None or row[2] < query.until)]
@@ -88,6 +89,13 @@ QUERIES = [
     {"since": 20_000 * 10**6, "until": 20_050 * 10**6},  # a few replays, in a busy bucket
     {"since": 10**18},  # nothing
     {"since": 5000 * 10**6, "until": 5000 * 10**6 + 1, "source": "s0"},
+    {"topic": "t1", "event_id": "e1"},  # one event, by its key
+    {"topic": "t0", "event_id": "e1"},  # that id under another topic: none
+    {"topic": "rare", "event_id": "e997", "since": 997 * 10**6, "until": 998 * 10**6},
+    {"topic": "rare", "event_id": "e997", "since": 998 * 10**6},  # its key, not its time
+    {"event_id": "e997"},  # looked up in every topic
+    {"event_id": "e997", "source": "s2", "until": 998 * 10**6},
+    {"event_id": "nowhere"},
 ]
 
 
@@ -100,6 +108,39 @@ def test_every_page_matches_a_plain_filter(store, filters, limit, descending):
     if limit == 97 and len(reference(rows, query)) > 5000:
         pytest.skip("paged at 1000 already; 97 adds nothing but time")
     assert read_all(store, query) == reference(rows, query)
+
+
+def test_an_event_id_is_read_through_the_key_alone(store):
+    """Whatever else is filtered, an event_id is looked up in the dedup key: in its topic
+    or in each topic, not by a walk of the events in sequence order."""
+    store, _ = store
+    plans = []
+    with contextlib.closing(store.connect()) as conn:
+        sqlite = isinstance(conn, sqlite3.Connection)
+        explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+        if not sqlite:  # the statistics autovacuum gathers as commits update the tables
+            conn.execute("ANALYZE events")
+            conn.execute("ANALYZE topic_counts")
+
+        def run(sql, params):
+            if not sqlite:
+                sql = sql.replace("?", "%s")
+            plans.append("\n".join(str(row[-1]) for row in conn.execute(explain + sql,
+                                                                          params)))
+            return conn.execute(sql, params)
+
+        for filters in ({"topic": "t1", "event_id": "e1"},
+                        {"topic": "t1", "event_id": "e1", "source": "s1", "since": 0},
+                        {"event_id": "e1"}, {"event_id": "e1", "until": 10**18}):
+            for descending in (False, True):
+                query = EventQuery(**filters, limit=101, descending=descending)
+                assert [e.event_id for e in read_page(run, query)] == ["e1"]
+    key = "sqlite_autoindex_events_1 (topic=? AND event_id=?)" if sqlite else (
+        "events_topic_event_id_key")
+    assert len(plans) == 8
+    for plan in plans:
+        assert key in plan and "SCAN events" not in plan and "Seq Scan on events" not in plan, (
+            plan)
 
 
 def stored_seqs(store) -> list[int]:

@@ -87,6 +87,7 @@ class EventQuery:
     """
 
     topic: str | None = None
+    event_id: str | None = None  # looked up by the (topic, event_id) key, in each topic
     source: str | None = None
     since: int | None = None
     until: int | None = None

@@ -99,10 +99,12 @@ def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
     (source, seq) index for those filters, and for a time range only within the blocks of
     event_blocks whose timestamps overlap it, then the sub-blocks event_buckets names. So a
     page costs about its own size at any depth (see README, Performance, for the cases
-    measured). Every statement must see one snapshot.
+    measured). An event_id is looked up through the (topic, event_id) key: in the topic
+    given, or in each topic of topic_counts (topics are few), so its page holds at most
+    one event per topic. Every statement must see one snapshot.
     """
     page = _Page(query)
-    if query.since is None and query.until is None:
+    if query.event_id is not None or (query.since is None and query.until is None):
         _select(run, query, page)
     else:
         low = -_TS_INF if query.since is None else query.since
@@ -158,12 +160,16 @@ def _read_spans(run: Run, query: EventQuery, page: _Page, spans: list[int],
 def _select(run: Run, query: EventQuery, page: _Page, *,
             seqs: tuple[int, int] | None = None) -> None:
     where, params = [], []
-    for column, op, value in (("topic", "=", query.topic), ("source", "=", query.source),
+    for column, op, value in (("topic", "=", query.topic), ("event_id", "=", query.event_id),
+                              ("source", "=", query.source),
                               ("ts", ">=", query.since), ("ts", "<", query.until),
                               ("seq", "<" if query.descending else ">", query.after)):
         if value is not None:
             where.append(f"{column} {op} ?")
             params.append(value)
+    if query.event_id is not None and query.topic is None:
+        # No index on event_id alone: one lookup of the key in each topic instead.
+        where.insert(0, "topic IN (SELECT topic FROM topic_counts)")
     if seqs is not None:
         where.append("seq BETWEEN ? AND ?")
         params += seqs
