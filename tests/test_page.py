@@ -57,6 +57,16 @@ def test_page_filters_by_the_form_parameters(client):
     assert '<option value="a" selected>' in html
 
 
+def test_the_page_size_shown_is_the_one_in_force_even_off_the_list(client):
+    """limit=10 from a bookmark must not show 25, which a click on Filter would then send."""
+    client.post("/publish", json=[event(f"e{i}") for i in range(12)])
+    html = client.get("/events?limit=10", headers=HTML).get_data(as_text=True)
+    assert html.count('<td class="id"') == 10
+    options = re.findall(r'<option value="(\d+)"( selected)?>', html)
+    assert options == [("10", " selected"), ("25", ""), ("50", ""), ("100", ""), ("250", ""),
+                       ("500", ""), ("1000", "")]
+
+
 def test_each_event_id_links_to_that_event_alone(client):
     """The link names the pair, encoded: an id with &, spaces or markup, and the same id
     under another topic, still lead to the one event."""
