@@ -125,9 +125,9 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
     limit = args["limit"]
     query = EventQuery(
         topic=args.get("topic"), event_id=args.get("event_id"), source=args.get("source"),
-        since=args.get("since"),
-        until=args.get("until"), after=args.get("after"), limit=limit + 1,
-        descending=args["order"] == "desc", max_bytes=_config().max_page_bytes)
+        since=args.get("since"), until=args.get("until"), after=args.get("after"),
+        limit=limit + 1, descending=args["order"] == "desc",
+        max_bytes=_config().max_page_bytes)
     rows = _store().events(query)
     more = len(rows) > limit or query.over_size(
         len(rows), sum(utf8_length(event.payload) for event in rows))
