@@ -65,12 +65,17 @@ class Config:
                                if self.retention >= size), (1, "s"))
             retention = f"{self.retention / size:g} {unit}"
         quota = "" if self.max_db_mb is None else f" (quota {self.max_db_mb} MB)"
-        return (f"database {_without_credentials(self.database_url)}{quota}; {self.writers} "
+        return (f"database {self.database_shown}{quota}; {self.writers} "
                 f"writer{'s' if self.writers > 1 else ''} and a queue of {self.queue_size} "
                 "batches per worker; "
                 f"max batch {self.max_batch} events, max body {self.max_body} bytes; "
                 f"retention {retention}; publish token {_set(self.api_token)}, read token "
                 f"{_set(self.read_token)}")
+
+    @property
+    def database_shown(self) -> str:
+        """Return database_url without its credentials, to show."""
+        return _without_credentials(self.database_url)
 
     @property
     def sqlite_path(self) -> str:

@@ -215,6 +215,9 @@ def test_compose_up_publishes_exact_counts_and_data_survives_restart(compose):
     taken = compose("exec", "-T", "aggregator", "python", "-m", "app.backup",
                     "/app/data/backup.db")
     assert taken.returncode == 0 and "5000 events" in taken.stderr, taken.stderr
+    checked = compose("exec", "-T", "aggregator", "python", "-m", "app.check")
+    assert checked.returncode == 0 and "5,000 events stored" in checked.stdout, (
+        checked.stdout + checked.stderr)
 
     again = ("run", "--rm", "publisher", "python", "-m", "publisher", "--events", "200",
              "--duplicate-rate", "0", "--seed", "77", "--json")
@@ -280,6 +283,9 @@ def test_cluster_profile_three_replicas_behind_nginx_exact_counts_and_restart(cl
     assert all(count == counts[0] for count in counts)
     # A cursor read on one replica is continued on the next.
     assert len(every_event(cluster.url)) == 5000
+    checked = cluster("exec", "-T", "aggregator-1", "python", "-m", "app.check")
+    assert checked.returncode == 0 and "5,000 events stored" in checked.stdout, (
+        checked.stdout + checked.stderr)
     # The replicas believe nginx's X-Forwarded-For: their access lines name the publisher.
     nginx_ips = addresses(cluster, "nginx")
     logs = cluster("logs", "--no-log-prefix", "aggregator-1", "aggregator-2",
