@@ -143,7 +143,10 @@ KEEPALIVE_REQUESTS = 20
 
 # --- Logging ---
 # JSON lines on stdout. The app writes the access lines itself (with request id and
-# event counts), so gunicorn's own access log stays off.
+# event counts), so gunicorn's own access log stays off. gunicorn's --log-level applies to
+# every logger: gunicorn.error keeps the level gunicorn gives it (no "level" below), and
+# the root logger, which the app's loggers (access lines included) go through, is given
+# it too (_follow_log_level).
 accesslog = None
 errorlog = "-"
 loglevel = "info"
@@ -155,7 +158,7 @@ logconfig_dict = {
                             "stream": "ext://sys.stdout"}},
     "root": {"level": "INFO", "handlers": ["stdout"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+        "gunicorn.error": {"handlers": ["stdout"], "propagate": False},
         "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},
     },
 }
@@ -188,12 +191,20 @@ def on_starting(server):
             _config.start_timeout, reason))
     except (StoreError, OSError) as exc:
         sys.exit("aggregator: database unavailable: " + " ".join(str(exc).split()))
+    _follow_log_level(server)
     _log_settings(server, "")
 
 
 def on_reload(server):
     """Log the settings in force after a reload (SIGHUP), before the new workers start."""
+    _follow_log_level(server)
     _log_settings(server, " (reloaded)")
+
+
+def _follow_log_level(server) -> None:
+    """Give the root logger gunicorn's --log-level (logconfig_dict set it to INFO), before
+    any worker is forked: the app's own lines follow the flag as gunicorn's do."""
+    logging.getLogger().setLevel(server.log.loglevel)
 
 
 def _log_settings(server, when: str) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,7 +17,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, event, write_lock_held_outside
+from tests.helpers import ROOT, event, wait_for, write_lock_held_outside
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -227,6 +229,37 @@ def test_one_json_log_line_per_request_with_the_given_request_id(gunicorn, tmp_p
     assert any(r.get("request_id") == generated and r.get("path") == "/stats" for r in records)
     text = server.log_path.read_text()
     assert "tok-secret-123" not in text and "4111-SECRET-PAYLOAD" not in text
+
+
+def worker_pids(server) -> set[int]:
+    pid = server.proc.pid
+    return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+
+
+@pytest.mark.backends("sqlite")  # logging; the store plays no part
+def test_gunicorns_log_level_applies_to_every_line_and_outlives_a_reload(gunicorn):
+    """--log-level warning leaves out info lines, gunicorn's and the app's (access lines);
+    --log-level debug lets gunicorn's debug lines through. A SIGHUP reload keeps it."""
+    quiet = gunicorn(env={"GUNICORN_CMD_ARGS": "--log-level warning"})
+    before = worker_pids(quiet)
+    quiet.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(worker_pids(quiet) - before) == 2 and not before & worker_pids(quiet),
+             40, "the reload's new workers", interval=0.2)
+    wait_for(lambda: requests.get(quiet.url + "/health", timeout=5).status_code == 200, 20,
+             "the new workers to answer", interval=0.2)
+    for _ in range(4):
+        assert requests.post(quiet.url + "/publish", json=[event("q")],
+                             timeout=10).status_code == 200
+        assert requests.get(quiet.url + "/stats", timeout=10).status_code == 200
+    assert quiet.terminate() == 0
+    assert [r["message"] for r in quiet.log_records()] == []
+
+    loud = gunicorn(env={"GUNICORN_CMD_ARGS": "--log-level debug"})
+    assert requests.get(loud.url + "/stats", timeout=10).status_code == 200
+    assert loud.terminate() == 0
+    levels = {(r["level"], r["logger"]) for r in loud.log_records()}
+    assert {("debug", "gunicorn.error"), ("info", "gunicorn.error"),
+            ("info", "aggregator.access")} <= levels
 
 
 def test_liveness_and_readiness(app, client):
