@@ -196,13 +196,20 @@ def _encoding(request: Request) -> str:
     return (request.headers.get("Content-Encoding") or "identity").strip().lower()
 
 
-def read_body(request: Request, *, max_body: int, step_timeout: float) -> bytes:
-    """Return the body of a request check_headers accepted, decompressed, or raise
-    APIError (step_timeout: seconds each STEP bytes may take before a 408)."""
+def read_body(request: Request, *, max_body: int, step_timeout: float) -> tuple[bytes, int]:
+    """Return the body of a request check_headers accepted, decompressed, and its size as
+    received, or raise APIError (step_timeout: seconds each STEP bytes may take before a
+    408)."""
     data = _read_raw(request, max_body, step_timeout)
+    received = len(data)
     if _encoding(request) != "identity":
         data = _gunzip(data, max_body)
-    return data
+    return data, received
+
+
+def encoding_label(request: Request) -> str:
+    """Return the body's encoding as a metric label: gzip (x-gzip too) or identity."""
+    return "identity" if _encoding(request) == "identity" else "gzip"
 
 
 def parse_events(request: Request, data: bytes, *, max_batch: int) -> list:

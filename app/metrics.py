@@ -110,6 +110,14 @@ class Metrics:
         self.publish_seconds = Histogram("aggregator_publish_request_duration_seconds",
                                          "POST /publish duration, by status.", ["status"],
                                          registry=own, buckets=SECOND_BUCKETS)
+        self.body_bytes = Counter(
+            "aggregator_publish_body_bytes",
+            "Bytes of POST /publish bodies read, as received, by Content-Encoding.",
+            ["encoding"], registry=own)
+        self.decoded_bytes = Counter(
+            "aggregator_publish_decoded_bytes",
+            "Bytes of POST /publish bodies read, once decompressed, by Content-Encoding.",
+            ["encoding"], registry=own)
         self.read_seconds = Histogram(
             "aggregator_read_request_duration_seconds",
             "GET /events (JSON or the page) and GET /stats duration, by path and status.",
@@ -117,6 +125,11 @@ class Metrics:
         self._database = DatabaseCollector(store, version, topics)
         if own is not None:
             own.register(self._database)
+
+    def observe_body(self, encoding: str, received: int, decoded: int) -> None:
+        """Count one body read whole: its size as received and once decompressed."""
+        self.body_bytes.labels(encoding).inc(received)
+        self.decoded_bytes.labels(encoding).inc(decoded)
 
     def observe_commit(self, events: int, started: float, ok: bool,
                        lock_wait: float = 0.0, lock_held: float = 0.0) -> None:

@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 
 from . import pages
 from .auth import require_read, require_write
-from .body import check_headers, parse_events, read_body
+from .body import check_headers, encoding_label, parse_events, read_body
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
@@ -53,7 +53,9 @@ def publish() -> tuple[Response, int]:
     config = _config()
     require_write(config)
     check_headers(request, max_body=config.max_body)
-    data = read_body(request, max_body=config.max_body, step_timeout=config.body_timeout)
+    data, received = read_body(request, max_body=config.max_body,
+                               step_timeout=config.body_timeout)
+    current_app.extensions["metrics"].observe_body(encoding_label(request), received, len(data))
     # From here until its commit is answered, what the body becomes in memory (text,
     # objects, rows) is several times its size: it is held of the process's budget.
     with current_app.extensions["body_budget"].hold(len(data)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import signal
 import subprocess
@@ -59,6 +60,30 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
         assert held > 0 and wait >= 0
         assert held + wait <= samples["aggregator_commit_duration_seconds_sum{}"]
 
+
+
+@pytest.mark.backends("sqlite")  # request bodies; the store plays no part
+def test_metrics_count_the_bytes_of_bodies_as_received_and_once_decompressed(gunicorn):
+    server = gunicorn(workers=2, env={"AGGREGATOR_MAX_BODY": "100000"})
+    plain = json.dumps([event(f"p{i}") for i in range(40)]).encode()
+    packed = json.dumps([event(f"z{i}") for i in range(400)]).encode()
+    zipped = gzip.compress(packed)
+    sent = [(plain, {}, 200), (zipped, {"Content-Encoding": "gzip"}, 200),
+            (zipped, {"Content-Encoding": "x-gzip"}, 200),  # all duplicates, still read
+            (b"[{", {}, 400),  # read, then refused
+            (b"x" * 100_001, {}, 413)]  # refused before it is read: not counted
+    for body, headers, status in sent:
+        response = requests.post(server.url + "/publish", data=body, timeout=10, headers={
+            "Content-Type": "application/json", "Connection": "close", **headers})
+        assert response.status_code == status, response.text
+    for samples in [scrape(server.url) for _ in range(4)]:
+        assert samples["aggregator_publish_body_bytes_total{encoding=identity}"] == (
+            len(plain) + 2)
+        assert samples["aggregator_publish_decoded_bytes_total{encoding=identity}"] == (
+            len(plain) + 2)
+        assert samples["aggregator_publish_body_bytes_total{encoding=gzip}"] == 2 * len(zipped)
+        assert samples["aggregator_publish_decoded_bytes_total{encoding=gzip}"] == (
+            2 * len(packed))
 
 
 def test_metrics_name_only_the_largest_topics_and_count_them_all(gunicorn):
