@@ -1,16 +1,19 @@
 """Crash soak: cycles of load + SIGKILL of the whole gunicorn process group + restart.
 
-Afterwards: every event that got a 200 is stored, none is stored twice, and the counters
-equal the table. Prints a line per cycle and a verdict; exits 1 on any violation.
+Afterwards: every event that got a 200 is stored, none is stored twice, the counters
+equal the table, and `python -m app.check` passes (time summaries, quick_check). Prints a
+line per cycle and a verdict; exits 1 on any violation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,11 +64,16 @@ def audit(db_path: Path) -> dict:
         counters = dict(conn.execute("SELECT name, value FROM counters"))
         topics = dict(conn.execute("SELECT topic, count FROM topic_counts WHERE count > 0"))
         actual = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
+    checked = subprocess.run([sys.executable, "-m", "app.check", "--json"], text=True,
+                             capture_output=True, cwd=Path(__file__).parent.parent, timeout=600,
+                             env={**os.environ, "DATABASE_URL": f"sqlite:///{db_path}"})
+    failed = ([check["rule"] for check in json.loads(checked.stdout)["checks"]
+               if not check["ok"]] if checked.stdout else [checked.stderr.strip()])
     return {"rows": rows, "stored_twice": rows - distinct, "keys": keys,
             "counters_agree": counters["unique_processed"] == rows
             and counters["received"] == counters["unique_processed"]
             + counters["duplicate_dropped"] and topics == actual,
-            "counters": counters}
+            "counters": counters, "check": failed or "ok"}
 
 
 def cycle(db_path: Path, number: int, clients: int, seconds: float, acked: set) -> dict:
@@ -104,16 +112,17 @@ def main() -> int:
             lost = len(acked - state["keys"])
             print(f"cycle {number}: acknowledged {result['acknowledged']:>7} events | answers "
                   f"{result['answers']} | stored {state['rows']:>7} | lost {lost} | stored "
-                  f"twice {state['stored_twice']} | counters agree {state['counters_agree']}",
-                  flush=True)
+                  f"twice {state['stored_twice']} | counters agree {state['counters_agree']} | "
+                  f"app.check {state['check']}", flush=True)
         Server(db_path).stop()  # one clean start on the crashed file, then a graceful stop
         state = audit(db_path)
     lost = len(acked - state["keys"])
-    ok = lost == 0 and state["stored_twice"] == 0 and state["counters_agree"]
+    ok = (lost == 0 and state["stored_twice"] == 0 and state["counters_agree"]
+          and state["check"] == "ok")
     print(f"after {args.cycles} SIGKILLs: {len(acked)} events acknowledged, {state['rows']} "
           f"stored, {lost} acknowledged events lost, {state['stored_twice']} stored twice, "
           f"counters {state['counters']} {'agree' if state['counters_agree'] else 'DISAGREE'} "
-          f"with the table -> {'PASS' if ok else 'FAIL'}")
+          f"with the table, app.check {state['check']} -> {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
