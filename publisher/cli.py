@@ -84,6 +84,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _events_per_s(text: str) -> float | None:
+    if text.strip().lower() == "unlimited":
+        return None
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError
+    return value
+
+
 def _topics(text: str) -> list[str]:
     topics = [t.strip() for t in text.split(",") if t.strip()]
     if not topics:
@@ -98,6 +107,7 @@ _retries.__name__ = "retry count (or unlimited)"
 _wait.__name__ = "seconds (or unlimited)"
 _rate.__name__ = "rate (0 to 10)"
 _seconds.__name__ = "seconds"
+_events_per_s.__name__ = "events per second (or unlimited)"
 _topics.__name__ = "topic list"
 
 TOKEN_FILE_HELP = ("read the token from this file (its one line), so that it is in no "
@@ -133,6 +143,9 @@ OPTIONS = {
                          "re-sends per unique event (0.2 sends 1.2 x events in all)"),
     "--batch-size": ("PUBLISHER_BATCH_SIZE", "500", _positive, "events per request"),
     "--concurrency": ("PUBLISHER_CONCURRENCY", "4", _positive, "parallel senders"),
+    "--rate": ("PUBLISHER_RATE", "unlimited", _events_per_s,
+               "send at most this many events per second, on average since the first batch "
+               "(a steady load, to watch latency or a dashboard under it)"),
     "--topics": ("PUBLISHER_TOPICS", "orders,payments,auth,shipping", _topics,
                  "topics of generated events"),
     "--seed": ("PUBLISHER_SEED", None, _non_negative,
@@ -213,11 +226,13 @@ class Summary:
 class Sender:
     """Send batches with bounded concurrency and tally the answers."""
 
-    def __init__(self, publisher: Publisher, summary: Summary, progress, rejects):
+    def __init__(self, publisher: Publisher, summary: Summary, progress, rejects,
+                 rate: float | None = None):
         self.publisher = publisher
         self.summary = summary
         self.progress = progress
         self.rejects = rejects
+        self.rate = rate  # events per second at most, or None
         self.fatal: str | None = None
 
     def stopped(self) -> bool:
@@ -237,7 +252,12 @@ class Sender:
         """
         with ThreadPoolExecutor(concurrency, thread_name_prefix="sender") as pool:
             pending: set[Future] = set()
+            first, paced = None, 0  # when the first batch went; the events sent since
             for batch in batches:
+                if batch is not None and self.rate is not None:
+                    first = time.monotonic() if first is None else first
+                    pending = self._wait_until(first + paced / self.rate, pending)
+                    paced += batch.size
                 if self.stopped():
                     break
                 # Count the answers that have come (a slow stream may yield a batch a
@@ -257,6 +277,19 @@ class Sender:
             for future in wait(pending).done:
                 if not future.cancelled():
                     self._tally_all(future.result())
+
+    def _wait_until(self, due: float, pending: set[Future]) -> set[Future]:
+        """Wait until due (time.monotonic()), counting the answers that come meanwhile;
+        return the futures still pending. A stop ends the wait at once."""
+        while not self.stopped() and (left := due - time.monotonic()) > 0:
+            if pending:
+                done, pending = wait(pending, timeout=min(left, 0.1),
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._tally_all(future.result())
+            else:
+                time.sleep(min(left, 0.1))
+        return pending
 
     def _send(self, batch: Batch) -> list[tuple[Batch, BatchResult | None, str]]:
         """Send the batch; return (batch, answer, problem) for it, or for each of its parts.
@@ -414,7 +447,8 @@ def publish(args: argparse.Namespace) -> Summary:
             return summary  # Ctrl-C or SIGTERM before the aggregator was up: nothing sent
         order = None if args.file else send_order(args.events, args.duplicate_rate, args.seed)
         sender = Sender(publisher, summary,
-                        _progress(None if order is None else len(order), stack), rejects)
+                        _progress(None if order is None else len(order), stack), rejects,
+                        rate=args.rate)
         if args.file:
             batches = file_batches(stream, args.batch_size, sender.reject_line,
                                    linger=args.linger)

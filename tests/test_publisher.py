@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gzip
+import itertools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from tests.helpers import (
     event,
     every_event,
     free_port,
+    query,
     table_keys,
     write_lock_held_outside,
 )
@@ -140,6 +142,38 @@ def test_ctrl_c_or_sigterm_sends_nothing_more_and_sums_up_exactly_what_was_commi
         stats["received"], stats["unique_processed"], stats["duplicate_dropped"])
 
 
+@pytest.mark.backends("sqlite")  # the publisher's pacing; the store plays no part
+def test_rate_spreads_the_batches_over_time_and_a_ctrl_c_ends_a_wait_at_once(gunicorn, db):
+    server = gunicorn()
+    result = run_publisher("--url", server.url, "--events", "2000", "--duplicate-rate", "0",
+                           "--batch-size", "100", "--rate", "1000", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["acknowledged"] == 2000
+    # 20 batches of 100 at 1000 events/s: the last goes 1.9 s after the first, no sooner.
+    arrived = sorted({datetime.fromisoformat(received) for (received,) in query(
+        db, "SELECT received_at FROM events")})
+    assert len(arrived) == 20
+    spread = (arrived[-1] - arrived[0]).total_seconds()
+    assert 1.85 <= spread < 15, spread
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(arrived)]
+    assert min(gaps) > 0.03, gaps  # not all at once then a wait: one every 0.1 s or so
+
+    slow = start_publisher("--url", server.url, "--events", "1000", "--batch-size", "10",
+                           "--rate", "2", "--json")  # a batch every 5 s
+    try:
+        poll_stats_while_running(slow, server.url, lambda stats: stats["received"] >= 2010)
+        time.sleep(0.5)  # well inside its wait for the next batch
+        start = time.monotonic()
+        slow.send_signal(signal.SIGINT)
+        out, err = slow.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        slow.kill()
+    assert slow.returncode == 130 and elapsed < 2, (elapsed, err)
+    summary = json.loads(out)
+    assert summary["interrupted"] == "SIGINT" and summary["acknowledged"] == 10
+
+
 def test_a_second_ctrl_c_exits_at_once_while_answers_are_pending(gunicorn, db):
     server = gunicorn(workers=1)
     with write_lock_held_outside(db):  # no batch can be committed, so none is answered
@@ -198,6 +232,8 @@ def test_bad_arguments_exit_2(tmp_path):
     assert run_publisher("--retries", "forever").returncode == 2
     assert run_publisher("--max-backoff", "-1").returncode == 2
     assert run_publisher("--wait", "forever").returncode == 2
+    assert run_publisher("--rate", "0").returncode == 2
+    assert run_publisher("--rate", "-5").returncode == 2
     bad_env = run_publisher(PUBLISHER_CONCURRENCY="many")
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
