@@ -99,7 +99,7 @@ def _sqlite(path: str, report: Report, full: bool) -> None:
     try:
         conn.execute("BEGIN")  # one read snapshot for every statement
         try:
-            counters = dict(conn.execute("SELECT name, value FROM counters"))
+            counters = _counters(conn.execute("SELECT name, value FROM counters"))
             check(lambda sql: conn.execute(sql).fetchone()[0], counters, report)
             pragma = "integrity_check" if full else "quick_check"
             answer = [row[0] for row in conn.execute(f"PRAGMA {pragma}")]
@@ -120,7 +120,7 @@ def _postgresql(url: str, report: Report) -> None:
     try:
         with connect(url, autocommit=True) as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            counters = _counters(conn.execute("SELECT name, value FROM counters"))
             check(lambda sql: conn.execute(sql).fetchone()[0], counters, report)
             conn.execute("COMMIT")
     except psycopg.Error as exc:
@@ -129,6 +129,20 @@ def _postgresql(url: str, report: Report) -> None:
 
 class _Failed(Exception):
     """The database could not be read; the message is one line."""
+
+
+COUNTERS = ("received", "unique_processed", "duplicate_dropped", "rejected", "expired")
+
+
+def _counters(rows) -> dict[str, int]:
+    """Return the counters table as a dict, or raise _Failed when one is missing (a
+    database the aggregator has not opened since it had that counter)."""
+    counters = dict(rows)
+    missing = [name for name in COUNTERS if name not in counters]
+    if missing:
+        raise _Failed(f"the counters table has no {', '.join(missing)}: is this the "
+                      "aggregator's database, opened by this version?")
+    return {name: counters[name] for name in COUNTERS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,18 @@ def test_each_count_broken_behind_its_back_fails_its_check_and_exits_1(gunicorn,
     assert failing(db) == broken
 
 
+def test_a_missing_counter_is_one_line_and_exit_1_not_a_traceback(gunicorn, db):
+    server = gunicorn()
+    fill(server.url)
+    server.terminate()
+    tamper(db, "DELETE FROM counters WHERE name = 'expired'")
+    result = run_check(db)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "check: error: the counters table has no expired: is this the aggregator's "
+        "database, opened by this version?"]
+
+
 def test_a_count_may_exceed_what_is_left_after_retention_but_not_fall_below_it(gunicorn,
                                                                                  db):
     server = gunicorn(env={"AGGREGATOR_RETENTION": "2s"})
