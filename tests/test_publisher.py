@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gzip
-import itertools
 import json
 import os
 import signal
@@ -149,14 +148,14 @@ def test_rate_spreads_the_batches_over_time_and_a_ctrl_c_ends_a_wait_at_once(gun
                            "--batch-size", "100", "--rate", "1000", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["acknowledged"] == 2000
-    # 20 batches of 100 at 1000 events/s: the last goes 1.9 s after the first, no sooner.
+    # 20 batches of 100 at 1000 events/s: batch k goes 0.1 k s after the first, no sooner.
+    # (Each arrives when it is sent or later; 0.3 s allows for a late first arrival.)
     arrived = sorted({datetime.fromisoformat(received) for (received,) in query(
         db, "SELECT received_at FROM events")})
     assert len(arrived) == 20
-    spread = (arrived[-1] - arrived[0]).total_seconds()
-    assert 1.85 <= spread < 15, spread
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(arrived)]
-    assert min(gaps) > 0.03, gaps  # not all at once then a wait: one every 0.1 s or so
+    after_first = [(at - arrived[0]).total_seconds() for at in arrived]
+    assert all(seconds >= 0.1 * k - 0.3 for k, seconds in enumerate(after_first)), after_first
+    assert after_first[-1] < 15, after_first
 
     slow = start_publisher("--url", server.url, "--events", "1000", "--batch-size", "10",
                            "--rate", "2", "--json")  # a batch every 5 s
@@ -169,7 +168,7 @@ def test_rate_spreads_the_batches_over_time_and_a_ctrl_c_ends_a_wait_at_once(gun
         elapsed = time.monotonic() - start
     finally:
         slow.kill()
-    assert slow.returncode == 130 and elapsed < 2, (elapsed, err)
+    assert slow.returncode == 130 and elapsed < 3, (elapsed, err)
     summary = json.loads(out)
     assert summary["interrupted"] == "SIGINT" and summary["acknowledged"] == 10
 
