@@ -80,7 +80,8 @@ def test_every_snapshot_passes_while_publishers_write(gunicorn, db):
     server = gunicorn()
     publisher = subprocess.Popen(
         [sys.executable, "-m", "publisher", "--url", server.url, "--events", "20000",
-         "--duplicate-rate", "0.3", "--batch-size", "100", "--concurrency", "4", "--json"],
+         "--duplicate-rate", "0.3", "--batch-size", "100", "--concurrency", "4",
+         "--rate", "5000", "--json"],  # over 5 s however fast the machine
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
