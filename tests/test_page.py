@@ -7,6 +7,7 @@ import re
 import shutil
 from html import unescape
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -65,6 +66,26 @@ def test_the_page_size_shown_is_the_one_in_force_even_off_the_list(client):
     options = re.findall(r'<option value="(\d+)"( selected)?>', html)
     assert options == [("10", " selected"), ("25", ""), ("50", ""), ("100", ""), ("250", ""),
                        ("500", ""), ("1000", "")]
+
+
+def test_a_rows_topic_and_source_link_to_the_view_narrowed_to_them(client):
+    """Other filters stay; the page starts again from the newest (no cursor)."""
+    client.post("/publish", json=[event(f"e{i}", topic=f"t{i % 2}", source=f"s{i % 3}",
+                                        timestamp=f"2025-10-18T03:00:{i:02d}Z")
+                                  for i in range(30)])
+    html = client.get("/events?since=2025-10-18T03:00:10Z&limit=5&after=AAAAAAAAAB8",
+                      headers=HTML).get_data(as_text=True)
+    topic_links = set(re.findall(r'<td class="topic" data-label="Topic"><a href="([^"]+)"', html))
+    source_links = set(re.findall(r'<td class="source" data-label="Source"><a href="([^"]+)"',
+                                  html))
+    assert topic_links and source_links
+    for link in map(unescape, topic_links | source_links):
+        params = parse_qs(urlsplit(link).query)
+        assert "after" not in params and params["since"] == ["2025-10-18T03:00:10Z"]
+        ((name, (value,)),) = [(k, v) for k, v in params.items() if k in ("topic", "source")]
+        narrowed = client.get(link).json["events"]
+        assert narrowed and {e[name] for e in narrowed} == {value}
+        assert all(e["timestamp"] >= "2025-10-18T03:00:10Z" for e in narrowed)
 
 
 def test_each_event_id_links_to_that_event_alone(client):
@@ -210,6 +231,12 @@ def test_browser_sees_rows_filters_pages_and_never_runs_event_script(browser, gu
     page.wait_for_url("**event_id=xss**")
     assert page.locator("tbody tr").count() == 1
     assert page.input_value("input[name=event_id]") == "xss"
+    assert page.evaluate("typeof window.pwned") == "undefined"
+    page.goto(server.url + "/events?limit=25")  # a row's source (markup) narrows to it
+    page.click("tbody tr:first-child td.source a")
+    page.wait_for_url("**source=**")
+    assert page.locator("tbody tr td.source").all_inner_texts() == [HOSTILE]
+    assert page.input_value("input[name=source]") == HOSTILE
     assert page.evaluate("typeof window.pwned") == "undefined"
 
     page.set_viewport_size({"width": 375, "height": 800})
