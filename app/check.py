@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .config import ConfigError, from_env
@@ -58,11 +57,14 @@ class Report:
         self.checks.append({"rule": rule, "ok": ok})
 
 
-def check(one: Callable[[str], int], counters: dict[str, int], report: Report) -> None:
-    """Run every check through one(sql), which returns the single number a statement
-    selects, all within one snapshot."""
-    c = counters
-    report.counters = c
+def check(conn, report: Report) -> None:
+    """Run every check on a connection of either backend (conn.execute(sql) returns rows),
+    inside the caller's read snapshot."""
+
+    def one(sql: str) -> int:
+        return conn.execute(sql).fetchone()[0]
+
+    report.counters = c = _counters(conn.execute("SELECT name, value FROM counters"))
     report.stored = stored = one("SELECT count(*) FROM events")
     report.topics = one("SELECT count(*) FROM topic_counts")
     counted = one("SELECT coalesce(sum(count), 0) FROM topic_counts")
@@ -99,8 +101,7 @@ def _sqlite(path: str, report: Report, full: bool) -> None:
     try:
         conn.execute("BEGIN")  # one read snapshot for every statement
         try:
-            counters = _counters(conn.execute("SELECT name, value FROM counters"))
-            check(lambda sql: conn.execute(sql).fetchone()[0], counters, report)
+            check(conn, report)
             pragma = "integrity_check" if full else "quick_check"
             answer = [row[0] for row in conn.execute(f"PRAGMA {pragma}")]
             report.say(f"PRAGMA {pragma}: {'; '.join(answer)[:500]}", answer == ["ok"])
@@ -120,8 +121,7 @@ def _postgresql(url: str, report: Report) -> None:
     try:
         with connect(url, autocommit=True) as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            counters = _counters(conn.execute("SELECT name, value FROM counters"))
-            check(lambda sql: conn.execute(sql).fetchone()[0], counters, report)
+            check(conn, report)
             conn.execute("COMMIT")
     except psycopg.Error as exc:
         raise _Failed(f"database error: {' '.join(str(exc).split())}") from None
