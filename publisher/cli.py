@@ -263,10 +263,7 @@ class Sender:
                 # Count the answers that have come (a slow stream may yield a batch a
                 # minute); when the window is full, wait for one first.
                 full = batch is not None and len(pending) >= 2 * concurrency
-                done, pending = wait(pending, timeout=None if full else 0,
-                                     return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._tally_all(future.result())
+                pending = self._count_answers(pending, None if full else 0)
                 if batch is not None:
                     pending.add(pool.submit(self._send, batch))
                 elif self.rejects is not None:
@@ -283,12 +280,17 @@ class Sender:
         return the futures still pending. A stop ends the wait at once."""
         while not self.stopped() and (left := due - time.monotonic()) > 0:
             if pending:
-                done, pending = wait(pending, timeout=min(left, 0.1),
-                                     return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._tally_all(future.result())
+                pending = self._count_answers(pending, min(left, 0.1))
             else:
                 time.sleep(min(left, 0.1))
+        return pending
+
+    def _count_answers(self, pending: set[Future], timeout: float | None) -> set[Future]:
+        """Wait up to timeout seconds (None: without end) for an answer, count every
+        answer that has come, and return the futures still pending."""
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            self._tally_all(future.result())
         return pending
 
     def _send(self, batch: Batch) -> list[tuple[Batch, BatchResult | None, str]]:
