@@ -101,10 +101,14 @@ def _sqlite(path: str, report: Report, full: bool) -> None:
     try:
         conn.execute("BEGIN")  # one read snapshot for every statement
         try:
-            check(conn, report)
+            # First: the counts of a damaged file mean nothing, and reading them could
+            # return anything.
             pragma = "integrity_check" if full else "quick_check"
             answer = [row[0] for row in conn.execute(f"PRAGMA {pragma}")]
-            report.say(f"PRAGMA {pragma}: {'; '.join(answer)[:500]}", answer == ["ok"])
+            if answer == ["ok"]:
+                check(conn, report)
+            said = "; ".join(line for message in answer for line in message.splitlines())
+            report.say(f"PRAGMA {pragma}: {said[:500]}", answer == ["ok"])
         finally:
             conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -142,6 +146,10 @@ def _counters(rows) -> dict[str, int]:
     if missing:
         raise _Failed(f"the counters table has no {', '.join(missing)}: is this the "
                       "aggregator's database, opened by this version?")
+    wrong = [name for name in COUNTERS if type(counters[name]) is not int]
+    if wrong:
+        raise _Failed(f"the counters table holds a value that is not a count for "
+                      f"{', '.join(wrong)}")
     return {name: counters[name] for name in COUNTERS}
 
 
@@ -178,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(asdict(report) | {"ok": report.ok}))
     else:
-        print(f"check: {report.database}: {report.stored:,} events stored, topics "
-              f"{report.topics:,}, read in {report.seconds:.2f} s")
+        held = (f"{report.stored:,} events stored, topics {report.topics:,}"
+                if report.counters else "damaged, its counts not read")
+        print(f"check: {report.database}: {held}, read in {report.seconds:.2f} s")
         for each in report.checks:
             print(f"  {'ok  ' if each['ok'] else 'FAIL'} {each['rule']}")
     return 0 if report.ok else 1
