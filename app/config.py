@@ -27,6 +27,8 @@ class Config:
     max_body: int = 16 * MIB
     max_payload: int = 64 * 1024
     max_page_bytes: int = 4 * MIB
+    search_scan: int = 10_000
+    search_time: float = 0.25
     body_budget: int = 32 * MIB
     max_db_mb: int | None = None
     retention: float | None = None
@@ -108,6 +110,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -161,6 +173,8 @@ _VARIABLES = {
     "AGGREGATOR_MAX_BODY": ("max_body", _positive_int),
     "AGGREGATOR_MAX_PAYLOAD": ("max_payload", _positive_int),
     "AGGREGATOR_MAX_PAGE_BYTES": ("max_page_bytes", _positive_int),
+    "AGGREGATOR_SEARCH_SCAN": ("search_scan", _positive_int),
+    "AGGREGATOR_SEARCH_TIME": ("search_time", _seconds),
     "AGGREGATOR_BODY_BUDGET": ("body_budget", _positive_int),
     "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
     "AGGREGATOR_RETENTION": ("retention", _duration),

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 
 from flask import Flask, Response, render_template, request, url_for
 
+from .config import Config
 from .store import Counters, StoredEvent
 
 REFRESH_SECONDS = 5
-PAGE_PARAMS = ("topic", "event_id", "source", "since", "until", "limit", "after", "live")
+PAGE_PARAMS = ("topic", "event_id", "source", "q", "since", "until", "limit", "after", "live")
 # The page names at most this many topics (the largest); past it, the topic filter is a
 # text field suggesting them, so a store of many thousand topics keeps a small page.
 TOPICS_SHOWN = 50
@@ -61,9 +62,12 @@ def _pretty(payload: str) -> tuple[str, bool]:
 
 def render_events_page(counters: Counters, params: dict[str, str], *,
                        events: list[StoredEvent] = (), next_cursor: str | None = None,
-                       limit: int = 100, errors: Mapping[str, list] | None = None) -> Response:
+                       limit: int = 100, searched: Config | None = None,
+                       errors: Mapping[str, list] | None = None) -> Response:
     """Render the events page (a 400 page when errors name bad filters), naming the topics
-    of counters (the largest TOPICS_SHOWN: Store.counters(largest=TOPICS_SHOWN))."""
+    of counters (the largest TOPICS_SHOWN: Store.counters(largest=TOPICS_SHOWN)). searched
+    is given (the settings of a search: search_scan, search_time) when a search's scans
+    ended the page before it was full."""
     live = params.get("live") == "1"
 
     def page_url(**changes: str | None) -> str:
@@ -75,7 +79,8 @@ def render_events_page(counters: Counters, params: dict[str, str], *,
         "events.html", stats=counters, events=[_row(e) for e in events],
         topics=sorted(counters.topics.items()),
         topics_not_shown=counters.topics_in_all - len(counters.topics),
-        next_cursor=next_cursor, filters=filters, live=live, refresh_seconds=REFRESH_SECONDS,
+        next_cursor=next_cursor, searched=searched, filters=filters, live=live,
+        refresh_seconds=REFRESH_SECONDS,
         page_url=page_url,
         error=("Some filter values are not valid." if errors else None),
         error_fields=errors or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from json.encoder import encode_basestring as _quote
 
 from flask import (
@@ -94,7 +95,7 @@ def events() -> Response:
         names = ", ".join(sorted(exc.messages))
         raise APIError(400, "bad_query", f"Invalid query parameter(s): {names}.",
                        errors=exc.messages) from None
-    page, next_cursor = _fetch_page(args)
+    page, next_cursor, _ = _fetch_page(args)
     # Each payload goes out as it is stored: the compact JSON that ingest encoded (and
     # checked). Parsing it to encode it again cost time and, for a page of large or
     # deeply nested payloads, memory many times the page's size.
@@ -113,28 +114,43 @@ def _events_page() -> Response:
         args = _events_query.load({**params, "order": "desc"})
     except ValidationError as exc:
         return pages.render_events_page(counters, params, errors=exc.messages)
-    page, next_cursor = _fetch_page(args)
+    page, next_cursor, searched = _fetch_page(args)
     return pages.render_events_page(counters, params, events=page, next_cursor=next_cursor,
-                                    limit=args["limit"])
+                                    limit=args["limit"],
+                                    searched=_config() if searched else None)
 
 
-def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None]:
-    """Return one page of events for loaded query arguments, and the next page's cursor.
+def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None, bool]:
+    """Return one page of events for loaded query arguments, the next page's cursor, and
+    whether a search read its scans (AGGREGATOR_SEARCH_SCAN) before the page was full.
 
     A page holds up to limit events, and fewer when their payloads are over
     AGGREGATOR_MAX_PAGE_BYTES (but at least one): the store reads one event past the
-    page, by count or by size, which says that another page follows."""
+    page, by count or by size, which says that another page follows. A search's page
+    holds fewer, or none, when it read its scans first: it goes on from where they ended."""
     limit = args["limit"]
+    config = _config()
     query = EventQuery(
         topic=args.get("topic"), event_id=args.get("event_id"), source=args.get("source"),
         since=args.get("since"), until=args.get("until"), after=args.get("after"),
         limit=limit + 1, descending=args["order"] == "desc",
-        max_bytes=_config().max_page_bytes)
-    rows = _store().events(query)
+        max_bytes=config.max_page_bytes, contains=args.get("q"), scan=config.search_scan)
+    result = _store().events(query)
+    # A search that found nothing in its scan reads on, another scan at a time, for up to
+    # AGGREGATOR_SEARCH_TIME: a rare text is not a long run of empty pages.
+    deadline = time.monotonic() + config.search_time
+    while not result.events and result.searched_to is not None and (
+            time.monotonic() < deadline):
+        query = replace(query, after=result.searched_to)
+        result = _store().events(query)
+    rows = result.events
     more = len(rows) > limit or query.over_size(
         len(rows), sum(utf8_length(event.payload) for event in rows))
-    page = rows[:-1] if more else rows
-    return page, encode_cursor(page[-1].seq) if more else None
+    if more:
+        return rows[:-1], encode_cursor(rows[-2].seq), False
+    if result.searched_to is not None:
+        return rows, encode_cursor(result.searched_to), True
+    return rows, None, False
 
 
 @bp.get("/stats")

@@ -13,7 +13,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.schemas import CURSOR_PATTERN, decode_cursor, encode_cursor
+from app.schemas import CURSOR_PATTERN, decode_cursor, encode_cursor, encode_json
 from tests.helpers import event, write_lock_held_outside
 
 
@@ -213,6 +213,102 @@ def test_the_events_page_says_why_a_page_holds_fewer_events_than_asked(make_app)
     assert "This page ends" not in last
 
 
+SEARCHED = [
+    {"level": "error", "message": "upstream TimeoutError after 30 s"},
+    {"level": "info", "message": "GET /cart -> 200"},
+    {"level": "error", "error": {"type": "TimeoutError", "retryable": True}},
+    {"level": "info", "message": 'said "hi"', "city": "Café Zürich"},
+    {"level": "warning", "amount": 12.5, "tags": ["eu", "mobile"]},
+]
+
+
+def search_all(client, **params) -> tuple[list[str], list[int]]:
+    """Page through a search as a client would: the ids found, and each page's size."""
+    found, sizes, cursor = [], [], None
+    while True:
+        answer = client.get("/events", query_string={
+            **params, **({"after": cursor} if cursor else {})})
+        assert answer.status_code == 200, answer.json
+        found += [e["event_id"] for e in answer.json["events"]]
+        sizes.append(len(answer.json["events"]))
+        cursor = answer.json["next_cursor"]
+        if cursor is None:
+            return found, sizes
+
+
+def test_a_search_finds_every_payload_holding_the_text_a_bounded_scan_at_a_time(make_app):
+    """q is a case-sensitive substring of the payload as /events returns it (compact JSON,
+    non-ASCII as is), combined with every other filter. With AGGREGATOR_SEARCH_SCAN=40 (and
+    AGGREGATOR_SEARCH_TIME=0: no more scans after an empty one), a page reads at most 40
+    events: one that finds fewer than limit, or none, still has a next_cursor, and paging
+    on finds each match once, in order."""
+    client = make_app(search_scan=40, search_time=0).test_client()
+    batch = [event(f"s{i}", topic=("web", "db")[i % 2], payload=SEARCHED[i % 5],
+                   timestamp=f"2025-10-18T{i // 10:02d}:{i % 10:02d}:00Z") for i in range(200)]
+    assert client.post("/publish", json=batch).status_code == 200
+
+    def expected(text, keep=lambda i: True):
+        return [f"s{i}" for i in range(200) if text in encode_json(SEARCHED[i % 5]) and keep(i)]
+
+    for text in ("TimeoutError", '"level":"error"', "Café", 'said \\"hi\\"', "12.5",
+                 '["eu","mobile"]'):
+        for order in ("asc", "desc"):
+            found, sizes = search_all(client, q=text, order=order, limit=30)
+            assert found == expected(text)[::-1 if order == "desc" else 1], (text, order)
+            assert len(sizes) == 5 and max(sizes) <= 16  # 200 events, 40 a page
+    assert expected("TimeoutError") and expected('said \\"hi\\"')
+    # Each filter narrows what is read first; the scan counts the topic's events.
+    found, sizes = search_all(client, q="TimeoutError", topic="db", limit=1000)
+    assert found == expected("TimeoutError", lambda i: i % 2) and len(sizes) == 3
+    found, _ = search_all(client, q="TimeoutError", since="2025-10-18T05:00:00Z",
+                          until="2025-10-18T12:00:00Z", order="desc")
+    assert found == expected("TimeoutError", lambda i: 50 <= i < 120)[::-1]
+    assert search_all(client, q="timeouterror") == ([], [0] * 5)  # the case counts
+    # A full page by count ends where its last event is, not at the scan.
+    first = client.get("/events?q=level&limit=7").json
+    assert [e["event_id"] for e in first["events"]] == [f"s{i}" for i in range(7)]
+    second = client.get(f"/events?q=level&limit=7&after={first['next_cursor']}").json
+    assert [e["event_id"] for e in second["events"]] == [f"s{i}" for i in range(7, 14)]
+    # An event_id is looked up by its key whatever the scan; q then tests its payload.
+    assert ids(client.get("/events?event_id=s2&q=TimeoutError")) == ["s2"]
+    assert ids(client.get("/events?event_id=s1&q=TimeoutError")) == []
+
+
+def needle_at_5(client):
+    batch = [event(f"s{i}", payload={"message": "needle" if i == 5 else "hay"})
+             for i in range(100)]
+    assert client.post("/publish", json=batch).status_code == 200
+
+
+def test_a_search_that_finds_nothing_reads_on_for_its_time(make_app):
+    """Newest first, the scans of 40 read s99..s60 and s59..s20 in vain, then s19..s0: with
+    time for them, one request finds s5, and says that nothing is left."""
+    needle_at_5(slow := make_app(search_scan=40, search_time=60).test_client())
+    page = slow.get("/events?q=needle&order=desc").json
+    assert [e["event_id"] for e in page["events"]] == ["s5"] and page["next_cursor"] is None
+    assert slow.get("/events?q=nowhere&order=desc").json == {"events": [],
+                                                              "next_cursor": None}
+    hasty = make_app(search_scan=40, search_time=0).test_client()
+    page = hasty.get("/events?q=needle&order=desc").json
+    assert page["events"] == [] and decode_cursor(page["next_cursor"]) == 61  # s60's seq
+
+
+def test_the_events_page_searches_and_says_when_a_scan_found_nothing(make_app):
+    needle_at_5(client := make_app(search_scan=40, search_time=0).test_client())
+    html = {"Accept": "text/html"}
+    newest = client.get("/events?q=needle", headers=html).get_data(as_text=True)
+    assert "No event matched yet. A search reads 40 events at a time" in newest
+    assert 'value="needle"' in newest and 'rel="next"' in newest
+    older = re.search(r'href="([^"]+)">search older events', newest).group(1)
+    middle = client.get(older.replace("&amp;", "&"), headers=html).get_data(as_text=True)
+    assert "No event matched yet" in middle
+    last_link = re.search(r'href="([^"]+)" rel="next"', middle).group(1)
+    last = client.get(last_link.replace("&amp;", "&"), headers=html).get_data(as_text=True)
+    assert ">s5<" in last and "This page ends" not in last and 'rel="next"' not in last
+    short = client.get("/events?q=hay&limit=100", headers=html).get_data(as_text=True)
+    assert "This page ends after 40 of 100 events: a search reads 40 events at a time" in short
+
+
 def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunicorn, db):
     server = gunicorn(workers=1)
     sent = []
@@ -242,6 +338,7 @@ def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunic
     ("topic", ""), ("event_id", ""), ("event_id", "x" * 256),
     # No event holds a control character; PostgreSQL cannot even compare text with a NUL.
     ("topic", "a\x00b"), ("source", "\x00"), ("event_id", "a\x1fb"), ("event_id", "\x00"),
+    ("q", ""), ("q", "x" * 256), ("q", "a\x00b"), ("q", "\n"),
 ])
 def test_bad_query_parameter_is_400_naming_it(client, param, value):
     response = client.get("/events", query_string={param: value})
@@ -271,7 +368,7 @@ def test_an_unknown_query_parameter_is_400_naming_it(client, filled, query):
     (name,) = response.json["errors"]
     assert name in query and name != "topic"
     assert "Unknown parameter" in response.json["errors"][name][0]
-    assert ("topic, event_id, source, since, until, limit, after, order"
+    assert ("topic, event_id, source, q, since, until, limit, after, order"
             in response.json["errors"][name][0])
 
 

@@ -238,6 +238,17 @@ def test_browser_sees_rows_filters_pages_and_never_runs_event_script(browser, gu
     assert page.locator("tbody tr td.source").all_inner_texts() == [HOSTILE]
     assert page.input_value("input[name=source]") == HOSTILE
     assert page.evaluate("typeof window.pwned") == "undefined"
+    page.goto(server.url + "/events?limit=25")  # a search of the payloads' text
+    page.fill("input[name=q]", '"i":5')
+    page.click("button[type=submit]")
+    page.wait_for_url("**q=**")
+    assert page.locator("tbody tr td.id").all_inner_texts() == [  # 5 and 50..59
+        f"evt-{i:03d}" for i in (*range(59, 49, -1), 5)]
+    page.fill("input[name=q]", "window.pwned")
+    page.click("button[type=submit]")
+    page.wait_for_url("**q=window.pwned**")
+    assert page.locator("tbody tr td.id").all_inner_texts() == ["xss"]
+    assert page.evaluate("typeof window.pwned") == "undefined"
 
     page.set_viewport_size({"width": 375, "height": 800})
     page.goto(server.url + "/events?limit=5")

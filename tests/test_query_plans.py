@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -42,7 +43,9 @@ def store(request, tmp_path_factory):
         ts = i * 10**6 if i < EVENTS // 2 else rng.randrange(0, EVENTS * 10**6)
         topic = "rare" if i % 997 == 0 else f"t{i % 3}"
         source = "lonely" if i == EVENTS - 5 else f"s{i % 5}"
-        rows.append((topic, f"e{i}", ts, f"text-{ts}", source, "{}", "r"))
+        tag = "needle" if i % 101 == 0 else "rarest" if i in (4, EVENTS - 9) else "hay"
+        rows.append((topic, f"e{i}", ts, f"text-{ts}", source, f'{{"n":{i},"tag":"{tag}"}}',
+                     "r"))
     store, reopen, connect = open_store(request, tmp_path_factory, "plans")
     writer = store.writer()
     for start in range(0, EVENTS, 1000):
@@ -54,6 +57,15 @@ def store(request, tmp_path_factory):
     store.close()
 
 
+def contains_sql(sqlite: bool) -> str:
+    """The backend's SQL test of a search (for read_page)."""
+    if sqlite:
+        from app.store.sqlite import CONTAINS
+    else:
+        from app.store.postgresql import CONTAINS
+    return CONTAINS
+
+
 def reference(rows, query: EventQuery) -> list[str]:
     """Every matching event_id, in the order the query asks for (seq = position + 1)."""
     found = [row[1] for row in rows
@@ -61,19 +73,27 @@ def reference(rows, query: EventQuery) -> list[str]:
              and (query.event_id is None or row[1] == query.event_id)
              and (query.source is None or row[4] == query.source)
              and (query.since is None or row[2] >= query.since)
-             and (query.until is None or row[2] < query.until)]
+             and (query.until is None or row[2] < query.until)
+             and (query.contains is None or query.contains in row[5])]
     return found[::-1] if query.descending else found
 
 
-def read_all(store, query: EventQuery) -> list[str]:
-    """Page through the query with the cursor, as a client would."""
+def read_all(store, query: EventQuery, pages: list | None = None) -> list[str]:
+    """Page through the query with the cursor, as a client would (a search's page that
+    read its scan goes on from where it stopped); pages, if given, gets each page."""
     ids, after = [], None
     while True:
-        page = store.events(EventQuery(**{**query.__dict__, "after": after}))
-        ids += [event.event_id for event in page]
-        if len(page) < query.limit:
+        page = store.events(replace(query, after=after))
+        if pages is not None:
+            pages.append((after, page))
+        ids += [event.event_id for event in page.events]
+        if page.searched_to is not None:
+            assert len(page.events) < query.limit
+            after = page.searched_to
+        elif len(page.events) < query.limit:
             return ids
-        after = page[-1].seq
+        else:
+            after = page.events[-1].seq
 
 
 QUERIES = [
@@ -110,6 +130,60 @@ def test_every_page_matches_a_plain_filter(store, filters, limit, descending):
     assert read_all(store, query) == reference(rows, query)
 
 
+SEARCHES = [
+    {"contains": '"tag":"needle"'},
+    {"contains": "rarest"},  # two events at the two ends: many pages of nothing between
+    {"contains": "Needle"},  # case-sensitive: none
+    {"contains": "needle", "topic": "t1"},
+    {"contains": "needle", "source": "s2", "topic": "t2"},
+    {"contains": "rarest", "source": "s4"},
+    {"contains": "needle", "since": 100 * 10**6, "until": 5000 * 10**6},
+    {"contains": "needle", "since": 20_000 * 10**6, "until": 21_000 * 10**6},  # replays only
+    {"contains": "rarest", "since": 0},
+    {"contains": "needle", "until": EVENTS * 10**6 // 3, "topic": "t0"},
+    {"contains": "needle", "event_id": "e101"},  # one event, by its key, then its payload
+    {"contains": "hay", "event_id": "e101"},  # that event, but another text: none
+]
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("scan", [None, 1500])
+@pytest.mark.parametrize("filters", SEARCHES)
+def test_every_search_matches_a_plain_filter_and_each_page_reads_its_scan(store, filters, scan,
+                                                                          descending):
+    """A search returns every event whose payload holds the text, page after page, on
+    every plan; a page that stops at its scan read exactly that many events of its topic
+    or source (else that many sequence numbers, or in a time range's spans that many, so at
+    most that many of its events), and says where it stopped, even when it found none."""
+    store, rows = store
+    query = EventQuery(**filters, limit=50, scan=scan, descending=descending)
+    pages = []
+    assert read_all(store, query, pages) == reference(rows, query)
+    with contextlib.closing(store.connect()) as conn:
+        stored = list(conn.execute("SELECT seq, topic, source, ts FROM events ORDER BY seq"))
+    ranged = "since" in filters or "until" in filters
+    stops = [(after, page.searched_to) for after, page in pages if page.searched_to is not None]
+    if scan is None or "event_id" in filters:
+        assert not stops
+        return
+    assert len(stops) >= len(pages) - 1 and stops, "a page of nothing but a scan ends it"
+    for after, stop in stops:
+        start = after if after is not None else (
+            stored[-1][0] + 1 if descending else stored[0][0] - 1)
+        low, high = (stop, start - 1) if descending else (start + 1, stop)
+        assert low <= high, "each page reads on"
+        window = [row for row in stored if low <= row[0] <= high]
+        if "topic" in filters or "source" in filters:
+            column, value = (1, filters["topic"]) if "topic" in filters else (2, filters["source"])
+            assert sum(row[column] == value for row in window) == scan
+        elif ranged:
+            since, until = filters.get("since", -2**63), filters.get("until", 2**63)
+            # Spans are counted (blocks whose bounds overlap the range): fewer of its events.
+            assert sum(since <= row[3] < until for row in window) <= scan
+        else:
+            assert high - low + 1 == scan
+
+
 def test_an_event_id_is_read_through_the_key_alone(store):
     """Whatever else is filtered, an event_id is looked up in the dedup key: in its topic
     or in each topic, not by a walk of the events in sequence order."""
@@ -118,6 +192,7 @@ def test_an_event_id_is_read_through_the_key_alone(store):
     with contextlib.closing(store.connect()) as conn:
         sqlite = isinstance(conn, sqlite3.Connection)
         explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+        contains = contains_sql(sqlite)
         if not sqlite:  # the statistics autovacuum gathers as commits update the tables
             conn.execute("ANALYZE events")
             conn.execute("ANALYZE topic_counts")
@@ -134,7 +209,7 @@ def test_an_event_id_is_read_through_the_key_alone(store):
                         {"event_id": "e1"}, {"event_id": "e1", "until": 10**18}):
             for descending in (False, True):
                 query = EventQuery(**filters, limit=101, descending=descending)
-                assert [e.event_id for e in read_page(run, query)] == ["e1"]
+                assert [e.event_id for e in read_page(run, query, contains).events] == ["e1"]
     key = "sqlite_autoindex_events_1 (topic=? AND event_id=?)" if sqlite else (
         "events_topic_event_id_key")
     assert len(plans) == 8
@@ -154,9 +229,9 @@ def test_a_cursor_deep_in_the_store_starts_right_after_it(store):
     assert len(seqs) == EVENTS
     at = EVENTS - 1234
     query = EventQuery(since=0, until=EVENTS * 10**6, after=seqs[at], limit=50)
-    assert [e.seq for e in store.events(query)] == seqs[at + 1:at + 51]
+    assert [e.seq for e in store.events(query).events] == seqs[at + 1:at + 51]
     backwards = store.events(EventQuery(since=0, after=seqs[at], limit=50, descending=True))
-    assert [e.seq for e in backwards] == seqs[at - 50:at][::-1]
+    assert [e.seq for e in backwards.events] == seqs[at - 50:at][::-1]
 
 
 def test_an_older_database_gets_its_summaries_on_open(store):

@@ -9,6 +9,7 @@ from ..config import Config
 from .base import (
     Batch,
     Counters,
+    EventPage,
     EventQuery,
     More,
     Row,
@@ -20,8 +21,8 @@ from .base import (
 )
 from .sqlite import SQLiteStore
 
-__all__ = ["Batch", "Counters", "EventQuery", "More", "Row", "StoredEvent", "Store", "StoreError",
-           "StoreFull", "nothing_more", "open_store", "wait_for_database"]
+__all__ = ["Batch", "Counters", "EventPage", "EventQuery", "More", "Row", "StoredEvent", "Store",
+           "StoreError", "StoreFull", "nothing_more", "open_store", "wait_for_database"]
 
 
 def open_store(config: Config) -> Store:

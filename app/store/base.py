@@ -95,11 +95,30 @@ class EventQuery:
     limit: int = 100
     descending: bool = False
     max_bytes: int | None = None
+    # A search: the events whose payload, as stored (compact JSON), holds this text.
+    contains: str | None = None
+    # A search reads about this many events past the cursor, at most, and then ends the
+    # page (EventPage.searched_to): of its topic or source when one is asked, else by
+    # ingestion order. None reads on until the page is full.
+    scan: int | None = None
 
     def over_size(self, count: int, size: int) -> bool:
         """Return whether count events whose payloads take size bytes are over
         max_bytes: the last of them is past the page (never the first)."""
         return self.max_bytes is not None and count > 1 and size > self.max_bytes
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """The events read for a page, and where a search stopped short of a full page.
+
+    searched_to is set when a search (EventQuery.contains) read its scan of events before
+    the page was full: the page goes on after that sequence number, in the order read, and
+    a cursor of it resumes the search. None when the page is full or nothing is left.
+    """
+
+    events: list[StoredEvent]
+    searched_to: int | None = None
 
 
 class Writer:
@@ -152,9 +171,9 @@ class Store:
         name only that many topics, the largest (by count, then name)."""
         raise NotImplementedError
 
-    def events(self, query: EventQuery) -> list[StoredEvent]:
+    def events(self, query: EventQuery) -> EventPage:
         """Return up to query.limit events in ingestion order after the cursor (fewer when
-        their payloads are over query.max_bytes)."""
+        their payloads are over query.max_bytes, or a search read its scan first)."""
         raise NotImplementedError
 
     def ping(self) -> None:

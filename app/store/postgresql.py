@@ -21,10 +21,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from .base import (
     Batch,
     Counters,
+    EventPage,
     EventQuery,
     More,
     Store,
-    StoredEvent,
     StoreError,
     StoreFull,
     Writer,
@@ -52,6 +52,8 @@ CONNECT_TIMEOUT_S = 5
 # replicas x workers x (READERS + writers) stays well under max_connections (100).
 READERS = 4
 POOL_TIMEOUT_S = 5.0
+# A search's test of the payload text (see sql.read_page): a case-sensitive substring.
+CONTAINS = "strpos(payload, ?) > 0"
 # Rows a page's statement receives at a time (libpq's chunked rows mode).
 STREAM_ROWS = 100
 
@@ -237,14 +239,14 @@ class PostgresStore(Store):
                         values["duplicate_dropped"], values["rejected"], topics,
                         values["expired"], in_all)
 
-    def events(self, query: EventQuery) -> list[StoredEvent]:
+    def events(self, query: EventQuery) -> EventPage:
         """Return up to query.limit events after the cursor (see sql.read_page)."""
         with translated_errors(), self._pool.connection() as conn:
             cur = conn.cursor()
             # Rows come STREAM_ROWS at a time, not the whole result at once: a page that is
             # full (max_bytes) cancels the rest of its statement.
             return read_page(lambda sql, params: cur.stream(
-                sql.replace("?", "%s"), params, size=STREAM_ROWS), query)
+                sql.replace("?", "%s"), params, size=STREAM_ROWS), query, CONTAINS)
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers a read."""

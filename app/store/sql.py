@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import replace
 
-from .base import EventQuery, StoredEvent, utf8_length
+from .base import EventPage, EventQuery, StoredEvent, utf8_length
 
 # event_blocks: a block holds the sequence numbers seq >> BLOCK_BITS.
 BLOCK_BITS = 12
@@ -23,6 +23,7 @@ SUB_BITS = 6
 BLOCK_BUDGET = 4
 COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
 _TS_INF = 2**63 - 1
+_SEQ_MAX = 2**63 - 1
 
 # For a database from before a summary table (or restored without it): the statement that
 # builds it from the events, run once when the store is opened (see build_missing_summaries).
@@ -61,12 +62,21 @@ def build_missing_summaries(conn) -> None:
 
 
 class _Page:
-    """The events read so far, and whether the page is full (see EventQuery)."""
+    """The events read so far, whether the page is full (see EventQuery), and how far a
+    search (EventQuery.contains) may still read."""
 
-    def __init__(self, query: EventQuery):
+    def __init__(self, query: EventQuery, contains: str):
         self.events: list[StoredEvent] = []
         self.query = query
         self.size = 0
+        self.contains = contains
+        # A search reads no sequence number past bound (in the order read), and at most
+        # budget of them in the spans of a time range; searched_to is where it stopped.
+        self.bound: int | None = None
+        self.budget: int | None = None
+        self.searched_to: int | None = None
+        # The lowest and highest sequence numbers stored, which the budget counts within.
+        self.stored = (0, _SEQ_MAX)
 
     @property
     def room(self) -> int:
@@ -75,6 +85,10 @@ class _Page:
     @property
     def full(self) -> bool:
         return self.room == 0 or self._over_size()
+
+    @property
+    def done(self) -> bool:
+        return self.full or self.searched_to is not None
 
     def _over_size(self) -> bool:
         return self.query.over_size(len(self.events), self.size)
@@ -90,10 +104,41 @@ class _Page:
                 if self._over_size():
                     break
 
+    def clip(self, query: EventQuery, low: int, high: int) -> tuple[int, int]:
+        """Return the part of the sequence numbers [low, high] past query's cursor that a
+        search may still read (empty when low > high), and note where it stopped if that
+        cut them short."""
+        if query.after is not None:
+            if query.descending:
+                high = min(high, query.after - 1)
+            else:
+                low = max(low, query.after + 1)
+        if low > high:
+            return low, high
+        cut = False
+        if self.bound is not None:
+            if query.descending and low < self.bound:
+                low, cut = self.bound, True
+            elif not query.descending and high > self.bound:
+                high, cut = self.bound, True
+        if self.budget is not None:
+            low, high = max(low, self.stored[0]), min(high, self.stored[1])
+        if self.budget is not None and low <= high:
+            if high - low + 1 > self.budget:
+                cut = True
+                if query.descending:
+                    low = high - self.budget + 1
+                else:
+                    high = low + self.budget - 1
+            self.budget -= high - low + 1
+        if cut:
+            self.searched_to = low if query.descending else high
+        return low, high
 
-def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
+
+def read_page(run: Run, query: EventQuery, contains: str) -> EventPage:
     """Return up to query.limit events after the cursor, oldest or newest first (fewer
-    when their payloads are over query.max_bytes).
+    when their payloads are over query.max_bytes, or a search read its scan first).
 
     A page reads rows in sequence order from the cursor on: through the (topic, seq) or
     (source, seq) index for those filters, and for a time range only within the blocks of
@@ -102,15 +147,68 @@ def read_page(run: Run, query: EventQuery) -> list[StoredEvent]:
     measured). An event_id is looked up through the (topic, event_id) key: in the topic
     given, or in each topic of topic_counts (topics are few), so its page holds at most
     one event per topic. Every statement must see one snapshot.
+
+    A search (query.contains; contains is the backend's SQL test of payload for it, with
+    one ? placeholder) reads the payloads of up to query.scan events past the cursor: the
+    next query.scan events of the topic or source asked (found through its index), else
+    that many sequence numbers, counted in the spans of a time range when one is asked.
+    It then stops, and the page says where (EventPage.searched_to).
     """
-    page = _Page(query)
-    if query.event_id is not None or (query.since is None and query.until is None):
-        _select(run, query, page)
+    page = _Page(query, contains)
+    ranged = query.since is not None or query.until is not None
+    if query.contains is not None and query.scan is not None and query.event_id is None:
+        if query.topic is not None or query.source is not None:
+            page.bound = _index_bound(run, query)
+        elif ranged:
+            page.budget, page.stored = query.scan, _stored(run)
+        else:
+            page.bound = _seq_bound(query, _stored(run))
+    if query.event_id is not None or not ranged:
+        if page.bound is None:
+            _select(run, query, page)
+        else:
+            _read_seqs(run, query, page, 0, _SEQ_MAX)
     else:
         low = -_TS_INF if query.since is None else query.since
         high = _TS_INF if query.until is None else query.until
         _by_range(run, query, page, low, high)
-    return page.events
+    return EventPage(page.events, None if page.full else page.searched_to)
+
+
+def _index_bound(run: Run, query: EventQuery) -> int | None:
+    """Return the sequence number of the query.scan-th event past the cursor of the topic
+    (or else the source) asked, through its index; None when fewer are left."""
+    column, value = ("topic", query.topic) if query.topic is not None else ("source",
+                                                                           query.source)
+    if query.descending:
+        op, order, after = "<", "DESC", _SEQ_MAX if query.after is None else query.after
+    else:
+        op, order, after = ">", "ASC", -1 if query.after is None else query.after
+    rows = list(run(f"SELECT seq FROM events WHERE {column} = ? AND seq {op} ?"
+                    f" ORDER BY seq {order} LIMIT 1 OFFSET ?", [value, after, query.scan - 1]))
+    return rows[0][0] if rows else None
+
+
+def _stored(run: Run) -> tuple[int, int]:
+    """Return the lowest and highest sequence numbers stored ((1, 0) when none is)."""
+    # Two subqueries: SQLite reads min() and max() from the rowid's ends one at a time,
+    # but min(seq), max(seq) in one query scan a whole index.
+    ((first, last),) = list(run(
+        "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM events)", []))
+    return (1, 0) if first is None else (first, last)
+
+
+def _seq_bound(query: EventQuery, stored: tuple[int, int]) -> int | None:
+    """Return the sequence number query.scan past the cursor (or the first event), in the
+    order read; None when no stored event lies beyond it."""
+    first, last = stored
+    if first > last:
+        return None
+    if query.descending:
+        bound = (last + 1 if query.after is None else query.after) - query.scan
+        return bound if bound > first else None
+    bound = (first - 1 if query.after is None else query.after) + query.scan
+    return bound if bound < last else None
 
 
 def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> None:
@@ -126,14 +224,14 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
         f"SELECT block FROM event_blocks WHERE min_ts < ? AND max_ts >= ? AND {bound}"
         f" ORDER BY block {order} LIMIT {BLOCK_BUDGET + 1}", params)]
     _read_spans(run, query, page, blocks[:BLOCK_BUDGET], BLOCK_BITS)
-    if page.full or len(blocks) <= BLOCK_BUDGET:
+    if page.done or len(blocks) <= BLOCK_BUDGET:
         return
     # The range is sparse in the blocks it overlaps (late replays widen their bounds):
     # go on after the last block read, through the sub-blocks that hold its buckets.
     last = blocks[BLOCK_BUDGET - 1]
     after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
     sub_bound = "sub <= ?" if query.descending else "sub >= ?"
-    while not page.full:
+    while not page.done:
         rest = replace(query, after=after)
         first_sub = (after - 1 if query.descending else after + 1) >> SUB_BITS
         want = max(64, 2 * page.room)
@@ -150,11 +248,19 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
 
 def _read_spans(run: Run, query: EventQuery, page: _Page, spans: list[int],
                 bits: int) -> None:
-    """Read the spans of 2**bits sequence numbers given, in order, until the page is full."""
+    """Read the spans of 2**bits sequence numbers given, in order, until the page is full
+    (or a search has read its scan)."""
     for start, end in _runs(spans, query.descending):
-        _select(run, query, page, seqs=(start << bits, ((end + 1) << bits) - 1))
-        if page.full:
+        _read_seqs(run, query, page, start << bits, ((end + 1) << bits) - 1)
+        if page.done:
             break
+
+
+def _read_seqs(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> None:
+    """Read the events of sequence numbers [low, high], in order, as far as a search may."""
+    low, high = page.clip(query, low, high)
+    if low <= high:
+        _select(run, query, page, seqs=(low, high))
 
 
 def _select(run: Run, query: EventQuery, page: _Page, *,
@@ -170,6 +276,9 @@ def _select(run: Run, query: EventQuery, page: _Page, *,
     if query.event_id is not None and query.topic is None:
         # No index on event_id alone: one lookup of the key in each topic instead.
         where.insert(0, "topic IN (SELECT topic FROM topic_counts)")
+    if query.contains is not None:
+        where.append(page.contains)
+        params.append(query.contains)
     if seqs is not None:
         where.append("seq BETWEEN ? AND ?")
         params += seqs

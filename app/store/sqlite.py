@@ -16,11 +16,11 @@ from itertools import chain
 from .base import (
     Batch,
     Counters,
+    EventPage,
     EventQuery,
     More,
     Row,
     Store,
-    StoredEvent,
     StoreError,
     StoreFull,
     Writer,
@@ -41,6 +41,8 @@ from .sql import (
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# A search's test of the payload text (see sql.read_page): a case-sensitive substring.
+CONTAINS = "instr(payload, ?) > 0"
 # Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: fewer, larger checkpoints
 # rewrite each hot index page less often (+7% end-to-end ingest in bench/ingest.py).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
@@ -290,14 +292,14 @@ class SQLiteStore(Store):
                         values["duplicate_dropped"], values["rejected"], topics,
                         values["expired"], in_all)
 
-    def events(self, query: EventQuery) -> list[StoredEvent]:
+    def events(self, query: EventQuery) -> EventPage:
         """Return up to query.limit events after the cursor (see sql.read_page)."""
         with translated_errors():
             conn = self._reader()
             # One snapshot for every statement of the page.
             conn.execute("BEGIN")
             try:
-                return read_page(conn.execute, query)
+                return read_page(conn.execute, query, CONTAINS)
             finally:
                 conn.execute("COMMIT")
 
