@@ -21,6 +21,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from bench.common import (
     ROOT,
@@ -131,6 +132,14 @@ def query_latencies(db_path: Path, stored: int, repeat: int) -> tuple[dict, floa
                 f"/events?since={iso(BASE_TS + stored * 10_000 - day)}&order=desc"
                 f"&after={near_end}"),
             "topic=orders&since, 1000": f"/events?topic=orders&since={iso(BASE_TS)}&limit=1000",
+            # Searches of the payloads' text: no index, a scan at a time (see README).
+            'q="ok":false (1 in 5), newest': "/events?order=desc&q=" + quote('"ok":false'),
+            "q=handled&topic=audit, newest": "/events?order=desc&q=handled&topic=audit",
+            "q=request 4321 handled (1 event), newest": (
+                f"/events?order=desc&q={quote('request 4321 handled')}"),
+            "q=nowhere (no match: scans for 0.25 s)": "/events?order=desc&q=nowhere",
+            "q=nowhere&since 1 day, desc (no match)": (
+                f"/events?q=nowhere&order=desc&since={iso(BASE_TS + stored * 10_000 - day)}"),
             "HTML page (newest, with stats)": "/events",
         }
         results = {}

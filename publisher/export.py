@@ -22,6 +22,7 @@ from .client import Publisher, PublishError
 # the event), and /publish refuses it as an unknown field.
 FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 FILTERS = {"topic": "of this topic", "source": "from this source",
+           "q": "whose payload (compact JSON) holds this text",
            "since": "timestamped at or after this time (ISO 8601)",
            "until": "timestamped before this time"}
 MAX_PAGE = 1000  # the aggregator's largest limit

@@ -85,6 +85,18 @@ def test_filters_choose_what_is_exported(gunicorn, tmp_path):
     assert all(set(e) == {"topic", "event_id", "timestamp", "source", "payload"} for e in lines)
 
 
+def test_a_search_is_exported_through_its_pages_of_nothing(gunicorn):
+    """With scans of 7 events and no time for more, most pages of a search hold no event
+    and a next_cursor: the export reads on through them to the end."""
+    server = gunicorn(env={"AGGREGATOR_SEARCH_SCAN": "7", "AGGREGATOR_SEARCH_TIME": "0"})
+    publish(server.url, 100)
+    result = run("publisher.export", "--url", server.url, "--q", "日本語")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["event_id"] for line in result.stdout.splitlines()] == [
+        f"e{i}" for i in range(1, 100, len(PAYLOADS))]
+    assert "wrote 20 events (15 pages)" in result.stderr  # 100 events (and 50 re-sent) / 7
+
+
 def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn, tmp_path):
     server = gunicorn(env={"AGGREGATOR_READ_TOKEN": "r-tok"})
     bad_filter = run("publisher.export", "--url", server.url, "--token", "r-tok",
