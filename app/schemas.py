@@ -280,9 +280,10 @@ class EventsQuerySchema(Schema):
     source = Name()
     q = Name(metadata={
         "description": "the events whose payload, as returned (compact JSON), holds this "
-                       "text; case-sensitive. A page of a search reads at most "
-                       "AGGREGATOR_SEARCH_SCAN (50,000) events past the cursor: it can then "
-                       "hold fewer than limit events, or none, and still have a next_cursor"})
+                       "text; case-sensitive. A search reads AGGREGATOR_SEARCH_SCAN "
+                       "(10,000) events past the cursor at a time, and more while it finds "
+                       "none for up to AGGREGATOR_SEARCH_TIME (0.25 s): a page can then hold "
+                       "fewer than limit events, or none, and still have a next_cursor"})
     since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, inclusive"})
     until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, exclusive"})
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000), metadata={
