@@ -7,6 +7,7 @@ import glob
 import os
 import platform
 import time
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -45,9 +46,16 @@ class DatabaseCollector:
             "aggregator_topic_events_stored",
             "Events stored, by topic, for the largest AGGREGATOR_METRICS_TOPICS topics.",
             labels=["topic"])
+        last = GaugeMetricFamily(
+            "aggregator_topic_last_stored_timestamp_seconds",
+            "When the newest event of the topic was stored (Unix time), for the same topics: "
+            "time() minus it is how long the topic has been silent.", labels=["topic"])
         for topic, count in counters.topics.items():
             topics.add_metric([topic], count)
+            if (stored_at := counters.last_stored.get(topic)) is not None:
+                last.add_metric([topic], datetime.fromisoformat(stored_at).timestamp())
         yield topics
+        yield last
         yield GaugeMetricFamily("aggregator_topics", "Topics with events stored.",
                                 value=counters.topics_in_all)
         info = GaugeMetricFamily("aggregator_build_info", "Version of the running aggregator.",

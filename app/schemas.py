@@ -219,6 +219,11 @@ class StatsSchema(Schema):
                        "unique_processed == events stored + expired"})
     topics = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
                          metadata={"description": "events stored for the first time, by topic"})
+    topics_last_stored_at = fields.Dict(
+        keys=fields.String(), values=fields.String(allow_none=True), required=True,
+        metadata={"description": "when each topic's newest event was stored (its commit, "
+                                 "UTC to the millisecond); null for a topic not written "
+                                 "since the aggregator could tell"})
     uptime = fields.Float(required=True, metadata={"description": "seconds"})
     started_at = fields.String(required=True, metadata={"format": "date-time"})
     queue_depth = fields.Integer(required=True, metadata={"description": "this worker's"})

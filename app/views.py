@@ -163,6 +163,7 @@ def stats() -> Response:
         "received": counters.received, "unique_processed": counters.unique_processed,
         "duplicate_dropped": counters.duplicate_dropped, "rejected": counters.rejected,
         "expired": counters.expired, "topics": counters.topics,
+        "topics_last_stored_at": counters.last_stored,
         "uptime": round(time.time() - started, 3),
         "started_at": utc_text(started, "seconds"),
         "queue_depth": _ingestor().depth,

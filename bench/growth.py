@@ -135,7 +135,7 @@ def query_latencies(db_path: Path, stored: int, repeat: int) -> tuple[dict, floa
             # Searches of the payloads' text: no index, a scan at a time (see README).
             'q="ok":false (1 in 5), newest': "/events?order=desc&q=" + quote('"ok":false'),
             "q=handled&topic=audit, newest": "/events?order=desc&q=handled&topic=audit",
-            "q=request 4321 handled (1 event), newest": (
+            "q=request 4321 handled (a few events), newest": (
                 f"/events?order=desc&q={quote('request 4321 handled')}"),
             "q=nowhere (no match: scans for 0.25 s)": "/events?order=desc&q=nowhere",
             "q=nowhere&since 1 day, desc (no match)": (

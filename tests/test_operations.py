@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
             assert session.post(server.url + "/publish", json=batch,
                                 headers={"Connection": "close"}, timeout=10).status_code == 207
     scrapes = [scrape(server.url) for _ in range(8)]
+    stats = requests.get(server.url + "/stats", timeout=10).json()
     for samples in scrapes:
         assert samples["aggregator_events_received_total{}"] == 12 * 60
         assert samples["aggregator_events_stored_total{}"] == 12 * 50
@@ -49,6 +51,8 @@ def test_metrics_are_exact_whichever_worker_answers(gunicorn):
         assert samples["aggregator_events_rejected_total{}"] == 12
         assert samples["aggregator_topic_events_stored_total{topic=a}"] == 300
         assert samples["aggregator_topic_events_stored_total{topic=b}"] == 300
+        assert (samples["aggregator_topic_last_stored_timestamp_seconds{topic=a}"]
+                == datetime.fromisoformat(stats["topics_last_stored_at"]["a"]).timestamp())
         assert samples["aggregator_publish_request_duration_seconds_count{status=207}"] == 12
         assert samples["aggregator_commit_events_sum{}"] == 12 * 60
         assert samples["aggregator_ingest_queue_depth{}"] == 0

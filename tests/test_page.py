@@ -46,6 +46,8 @@ def test_page_shows_counters_topics_and_newest_first(client):
                          ("Rejected", 1)):
         assert f"<dt>{label}</dt><dd>{value}</dd>" in html
     assert 'href="/events?topic=x"' in html and 'href="/events?topic=y"' in html
+    stored_at = client.get("/stats").json["topics_last_stored_at"]["x"]
+    assert f'href="/events?topic=x" title="newest stored {stored_at}"' in html
 
 
 def test_page_filters_by_the_form_parameters(client):

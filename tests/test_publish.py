@@ -6,6 +6,7 @@ import gzip
 import json
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -289,6 +290,29 @@ def test_stats_are_exact_after_a_mix_of_batches(client, db):
     assert stats["received"] == stats["unique_processed"] + stats["duplicate_dropped"]
     assert stats["unique_processed"] == len(table_keys(db))
     assert stats["queue_depth"] == 0 and stats["uptime"] >= 0 and stats["started_at"]
+
+
+def test_stats_say_when_each_topic_last_had_an_event_stored(client):
+    """A topic's time moves with each commit that stores one of its events, and not with
+    duplicates or refused events: how long it has been silent, to alert on."""
+
+    def last_stored():
+        return client.get("/stats").json["topics_last_stored_at"]
+
+    def now():
+        return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    before = now()
+    publish(client, [event("1", topic="a"), event("1", topic="b")])
+    first = last_stored()
+    after = now()
+    assert set(first) == {"a", "b"} and before <= first["a"] == first["b"] <= after
+    time.sleep(0.01)
+    publish(client, [event("2", topic="a"), event("1", topic="b"),  # a new, b a duplicate
+                     event("3", topic="c", timestamp="yesterday")])  # refused
+    second = last_stored()
+    assert second["b"] == first["b"] and second["a"] > first["a"] and set(second) == {"a", "b"}
+    assert datetime.fromisoformat(second["a"]) <= datetime.now(UTC)
 
 
 def test_counters_survive_a_new_app_on_the_same_file(make_app, db):

@@ -335,3 +335,39 @@ def test_expiry_deletes_the_oldest_in_chunks_and_every_plan_reads_what_is_left(e
     counters = empty_store.counters()
     assert (counters.unique_processed, counters.expired) == (6000, 5999)
     assert read_all(empty_store, EventQuery(limit=10)) == ["x5999"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reopened(request, tmp_path_factory):
+    store, reopen, connect = open_store(request, tmp_path_factory, "columns")
+    yield store, reopen, connect
+    store.close()
+
+
+def row(topic: str, event_id: str) -> tuple:
+    return (topic, event_id, 0, "t", "s", "{}", "r")
+
+
+def test_an_older_database_gets_the_topics_last_stored_column_on_open(reopened):
+    """A database from before topic_counts.last_stored_at (dropped here) gets the column
+    when it is opened: its topics say None until their next event is stored."""
+    store, reopen, connect = reopened
+    writer = store.writer()
+    writer.write([Batch([row("a", "1"), row("b", "1")])])
+    writer.close()
+    assert set(store.counters().last_stored) == {"a", "b"}
+    with contextlib.closing(connect()) as conn:
+        conn.execute("ALTER TABLE topic_counts DROP COLUMN last_stored_at")
+        conn.commit()
+    older = reopen()
+    try:
+        assert older.counters().last_stored == {"a": None, "b": None}
+        writer = older.writer()
+        writer.write([Batch([row("a", "2"), row("b", "1")])])  # b's is a duplicate
+        writer.close()
+        counters = older.counters()
+        assert counters.topics == {"a": 2, "b": 1} and counters.last_stored["b"] is None
+        assert counters.last_stored["a"].endswith("Z")
+        assert older.counters(largest=1).last_stored == {"a": counters.last_stored["a"]}
+    finally:
+        older.close()

@@ -67,6 +67,9 @@ class Counters:
     expired: int
     # How many topics there are, named in topics or not.
     topics_in_all: int
+    # When each topic of topics last had an event stored (received_at's text, at its
+    # commit); None for a topic not written since the column was added.
+    last_stored: dict[str, str | None] = field(default_factory=dict)
 
 
 def utf8_length(text: str) -> int:

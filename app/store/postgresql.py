@@ -18,6 +18,7 @@ import psycopg
 from psycopg import IsolationLevel, errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..logs import utc_text
 from .base import (
     Batch,
     Counters,
@@ -73,8 +74,10 @@ _ADD_COUNTERS = (
     " FROM unnest(%s::text[], %s::bigint[]) AS v(name, delta) WHERE counters.name = v.name"
 )
 _ADD_TOPICS = (
-    "INSERT INTO topic_counts (topic, count) SELECT * FROM unnest(%s::text[], %s::bigint[])"
-    " ON CONFLICT (topic) DO UPDATE SET count = topic_counts.count + excluded.count"
+    "INSERT INTO topic_counts (topic, count, last_stored_at)"
+    " SELECT t.topic, t.count, %s FROM unnest(%s::text[], %s::bigint[]) AS t(topic, count)"
+    " ON CONFLICT (topic) DO UPDATE SET count = topic_counts.count + excluded.count,"
+    " last_stored_at = excluded.last_stored_at"
 )
 _WIDEN_BLOCKS = (
     "INSERT INTO event_blocks (block, min_ts, max_ts)"
@@ -177,7 +180,8 @@ class PostgresWriter(Writer):
             [received, len(new), received - len(new), sum(b.rejected for b in batches)]))
         if new:
             topics = Counter(topic for _, topic, _ in new)
-            cur.execute(_ADD_TOPICS, (list(topics), list(topics.values())))
+            cur.execute(_ADD_TOPICS, (utc_text(time.time()), list(topics),
+                                      list(topics.values())))
             bounds: dict[int, list[int]] = {}
             for seq, _, ts in new:
                 low_high = bounds.setdefault(seq >> BLOCK_BITS, [ts, ts])
@@ -230,14 +234,16 @@ class PostgresStore(Store):
         see Store.counters)."""
         shown = ALL_TOPICS if largest is None else LARGEST_TOPICS.replace("?", "%s")
         with translated_errors(), self._pool.connection() as conn:
-            values, topics, in_all = conn.execute(
-                "SELECT (SELECT json_object_agg(name, value) FROM counters),"
-                " (SELECT coalesce(json_object_agg(topic, count ORDER BY topic), '{}')"
-                f" FROM ({shown}) AS shown), ({COUNT_TOPICS})",
+            values, topics, last, in_all = conn.execute(
+                "SELECT (SELECT json_object_agg(name, value) FROM counters), shown.*,"
+                f" ({COUNT_TOPICS}) FROM (SELECT"
+                " coalesce(json_object_agg(topic, count ORDER BY topic), '{}'),"
+                " coalesce(json_object_agg(topic, last_stored_at ORDER BY topic), '{}')"
+                f" FROM ({shown}) AS t) AS shown",
                 () if largest is None else (largest,)).fetchone()
         return Counters(values["received"], values["unique_processed"],
                         values["duplicate_dropped"], values["rejected"], topics,
-                        values["expired"], in_all)
+                        values["expired"], in_all, last)
 
     def events(self, query: EventQuery) -> EventPage:
         """Return up to query.limit events after the cursor (see sql.read_page)."""

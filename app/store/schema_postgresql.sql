@@ -26,9 +26,12 @@ INSERT INTO counters (name, value) VALUES
     ON CONFLICT (name) DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS topic_counts (
-    topic TEXT PRIMARY KEY,
-    count BIGINT NOT NULL
+    topic          TEXT PRIMARY KEY,
+    count          BIGINT NOT NULL,
+    last_stored_at TEXT
 );
+-- A database from before the column (see schema_sqlite.sql).
+ALTER TABLE topic_counts ADD COLUMN IF NOT EXISTS last_stored_at TEXT;
 
 CREATE TABLE IF NOT EXISTS event_blocks (
     block  BIGINT PRIMARY KEY,

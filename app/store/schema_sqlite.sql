@@ -23,9 +23,12 @@ INSERT OR IGNORE INTO counters (name, value) VALUES
     ('received', 0), ('unique_processed', 0), ('duplicate_dropped', 0), ('rejected', 0),
     ('expired', 0);
 
+-- last_stored_at: when the newest event of the topic was stored (its commit, the text of a
+-- received_at); NULL for a topic counted before the column was added, until its next event.
 CREATE TABLE IF NOT EXISTS topic_counts (
-    topic TEXT PRIMARY KEY,
-    count INTEGER NOT NULL
+    topic          TEXT PRIMARY KEY,
+    count          INTEGER NOT NULL,
+    last_stored_at TEXT
 );
 
 -- For GET /events?source=...: the events of one source in ingestion order.

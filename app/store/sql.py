@@ -42,8 +42,9 @@ EXPIRE = (
 )
 
 # Counters.topics: every topic by name, or the largest (by count, then name) up to a limit.
-ALL_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY topic"
-LARGEST_TOPICS = "SELECT topic, count FROM topic_counts ORDER BY count DESC, topic LIMIT ?"
+ALL_TOPICS = "SELECT topic, count, last_stored_at FROM topic_counts ORDER BY topic"
+LARGEST_TOPICS = ("SELECT topic, count, last_stored_at FROM topic_counts"
+                  " ORDER BY count DESC, topic LIMIT ?")
 COUNT_TOPICS = "SELECT count(*) FROM topic_counts"
 
 # Runs a statement (? placeholders) in the page's read snapshot and returns its rows, as
