@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 
@@ -46,6 +47,9 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
                                           retention=config.retention)
     app.extensions["event_schema"] = make_event_schema(config.max_payload)
     app.extensions["body_budget"] = BodyBudget(config.body_budget)
+    # Searches read payloads for up to AGGREGATOR_SEARCH_TIME each: so many at once, and no
+    # more, take the cores from ingest and the request threads from everyone.
+    app.extensions["searches"] = threading.BoundedSemaphore(config.search_concurrency)
     app.extensions["openapi"] = build_spec(__version__, config.max_payload)
     app.extensions["started_at"] = time.time()
     logs.init_app(app)

@@ -29,6 +29,7 @@ class Config:
     max_page_bytes: int = 4 * MIB
     search_scan: int = 10_000
     search_time: float = 0.25
+    search_concurrency: int = 2
     body_budget: int = 32 * MIB
     max_db_mb: int | None = None
     retention: float | None = None
@@ -175,6 +176,7 @@ _VARIABLES = {
     "AGGREGATOR_MAX_PAGE_BYTES": ("max_page_bytes", _positive_int),
     "AGGREGATOR_SEARCH_SCAN": ("search_scan", _positive_int),
     "AGGREGATOR_SEARCH_TIME": ("search_time", _seconds),
+    "AGGREGATOR_SEARCH_CONCURRENCY": ("search_concurrency", _positive_int),
     "AGGREGATOR_BODY_BUDGET": ("body_budget", _positive_int),
     "AGGREGATOR_MAX_DB_MB": ("max_db_mb", _positive_int),
     "AGGREGATOR_RETENTION": ("retention", _duration),

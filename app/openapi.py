@@ -94,7 +94,9 @@ def _events() -> dict:
             _JSON: {"schema": "EventsPage"},
             "text/html": {"schema": {"type": "string"}}}},
          "400": _error("A query parameter is not valid (named in the message)"),
-         "414": _error("The query string is longer than the server reads (8190 bytes)")},
+         "414": _error("The query string is longer than the server reads (8190 bytes)"),
+         "429": _error("A search (q) found this worker running its most searches at once "
+                       "(AGGREGATOR_SEARCH_CONCURRENCY); Retry-After says when to try again")},
         guarded=True,
         description="A browser (Accept prefers text/html) gets the HTML events page.",
         parameters=[{"in": "query", "schema": schemas.EventsQuerySchema}])

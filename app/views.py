@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from json.encoder import encode_basestring as _quote
 
@@ -34,6 +36,9 @@ from .store.base import utf8_length
 
 bp = Blueprint("api", __name__)
 _events_query = EventsQuerySchema()
+# How long a search waits for a slot (see _search_slot): a search takes about
+# AGGREGATOR_SEARCH_TIME (0.25 s) at most, so a few turns.
+SEARCH_WAIT_S = 1.0
 
 
 def _config() -> Config:
@@ -120,6 +125,24 @@ def _events_page() -> Response:
                                     searched=_config() if searched else None)
 
 
+@contextmanager
+def _search_slot(query: EventQuery) -> Iterator[None]:
+    """Hold one of this process's AGGREGATOR_SEARCH_CONCURRENCY search slots while a search
+    (not an event_id lookup) runs; 429 busy when none frees up within SEARCH_WAIT_S."""
+    if query.contains is None or query.event_id is not None:
+        yield
+        return
+    slots = current_app.extensions["searches"]
+    if not slots.acquire(timeout=SEARCH_WAIT_S):
+        raise APIError(429, "busy", "This worker is running as many searches as "
+                       "AGGREGATOR_SEARCH_CONCURRENCY allows; retry in a moment.",
+                       retry_after=1)
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None, bool]:
     """Return one page of events for loaded query arguments, the next page's cursor, and
     whether a search read its scans (AGGREGATOR_SEARCH_SCAN) before the page was full.
@@ -135,14 +158,15 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None, bool]:
         since=args.get("since"), until=args.get("until"), after=args.get("after"),
         limit=limit + 1, descending=args["order"] == "desc",
         max_bytes=config.max_page_bytes, contains=args.get("q"), scan=config.search_scan)
-    result = _store().events(query)
-    # A search that found nothing in its scan reads on, another scan at a time, for up to
-    # AGGREGATOR_SEARCH_TIME: a rare text is not a long run of empty pages.
-    deadline = time.monotonic() + config.search_time
-    while not result.events and result.searched_to is not None and (
-            time.monotonic() < deadline):
-        query = replace(query, after=result.searched_to)
+    with _search_slot(query):
         result = _store().events(query)
+        # A search that found nothing in its scan reads on, another scan at a time, for up
+        # to AGGREGATOR_SEARCH_TIME: a rare text is not a long run of empty pages.
+        deadline = time.monotonic() + config.search_time
+        while not result.events and result.searched_to is not None and (
+                time.monotonic() < deadline):
+            query = replace(query, after=result.searched_to)
+            result = _store().events(query)
     rows = result.events
     more = len(rows) > limit or query.over_size(
         len(rows), sum(utf8_length(event.payload) for event in rows))

@@ -293,6 +293,31 @@ def test_a_search_that_finds_nothing_reads_on_for_its_time(make_app):
     assert page["events"] == [] and decode_cursor(page["next_cursor"]) == 61  # s60's seq
 
 
+def test_searches_at_once_are_bounded_and_one_past_them_waits_then_is_429_busy(make_app):
+    """With AGGREGATOR_SEARCH_CONCURRENCY=2 and both slots held (as two running searches
+    hold them), a search waits for one, 1 s at most, then is a 429; reads that are not
+    searches go on. A slot freed while it waits lets it run."""
+    app = make_app(search_concurrency=2)
+    needle_at_5(client := app.test_client())
+    slots = app.extensions["searches"]
+    assert slots.acquire(timeout=1) and slots.acquire(timeout=1)
+    began = time.monotonic()
+    busy = client.get("/events?q=needle")
+    waited = time.monotonic() - began
+    assert busy.status_code == 429 and 0.9 <= waited < 5
+    assert busy.json["error"] == "busy" and busy.headers["Retry-After"] == "1"
+    assert "AGGREGATOR_SEARCH_CONCURRENCY" in busy.json["message"]
+    assert ids(client.get("/events?limit=1")) == ["s0"]
+    assert ids(client.get("/events?event_id=s5&q=needle")) == ["s5"]  # a lookup by key
+    threading.Timer(0.3, slots.release).start()
+    began = time.monotonic()
+    assert ids(client.get("/events?q=needle")) == ["s5"]
+    assert 0.2 <= time.monotonic() - began < 1
+    slots.release()
+    # Every slot is back: the searches released theirs (a release too many would raise).
+    assert all(slots.acquire(timeout=0) for _ in range(2)) and not slots.acquire(timeout=0)
+
+
 def test_the_events_page_searches_and_says_when_a_scan_found_nothing(make_app):
     needle_at_5(client := make_app(search_scan=40, search_time=0).test_client())
     html = {"Accept": "text/html"}
