@@ -323,6 +323,7 @@ def test_the_events_page_searches_and_says_when_a_scan_found_nothing(make_app):
     html = {"Accept": "text/html"}
     newest = client.get("/events?q=needle", headers=html).get_data(as_text=True)
     assert "No event matched yet. A search reads 40 events at a time" in newest
+    assert "one scan a page (<code>AGGREGATOR_SEARCH_TIME=0</code>)" in newest
     assert 'value="needle"' in newest and 'rel="next"' in newest
     older = re.search(r'href="([^"]+)">search older events', newest).group(1)
     middle = client.get(older.replace("&amp;", "&"), headers=html).get_data(as_text=True)
