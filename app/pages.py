@@ -16,6 +16,7 @@ PAGE_PARAMS = ("topic", "event_id", "source", "q", "since", "until", "limit", "a
 # text field suggesting them, so a store of many thousand topics keeps a small page.
 TOPICS_SHOWN = 50
 _LONG_PAYLOAD_CHARS = 300
+_SUMMARY_CHARS = 80
 _LONG_PAYLOAD_LINES = 12
 # The page shows at most this much of a payload; the JSON API returns it whole.
 SHOWN_PAYLOAD_CHARS = 16 * 1024
@@ -35,14 +36,29 @@ def page_params(args: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in args.items() if k in PAGE_PARAMS and v.strip()}
 
 
-def _row(event: StoredEvent) -> dict:
+def _row(event: StoredEvent, search: str | None) -> dict:
     pretty, cut = _pretty(event.payload)
     long = cut or len(pretty) > _LONG_PAYLOAD_CHARS or pretty.count("\n") > _LONG_PAYLOAD_LINES
     compact = event.payload  # as stored
     return {"timestamp": event.timestamp, "topic": event.topic, "event_id": event.event_id,
-            "source": event.source, "received_at": event.received_at, "pretty": pretty,
-            "cut": cut, "size": len(compact), "long": long,
-            "summary": compact[:80] + ("…" if len(compact) > 80 else "")}
+            "source": event.source, "received_at": event.received_at,
+            "pretty": _marked(pretty, search), "cut": cut, "size": len(compact), "long": long,
+            "summary": _marked(_summary(compact, search), search)}
+
+
+def _summary(compact: str, search: str | None) -> str:
+    """The first 80 characters of a payload's compact JSON, or for a search those around
+    the first match (a search matches that text), marked … where cut."""
+    start = 0
+    if search and (at := compact.find(search)) > _SUMMARY_CHARS // 2:
+        start = at - _SUMMARY_CHARS // 4
+    text = compact[start:start + _SUMMARY_CHARS]
+    return ("…" if start else "") + text + ("…" if start + _SUMMARY_CHARS < len(compact) else "")
+
+
+def _marked(text: str, search: str | None) -> list[str]:
+    """Split text around each occurrence of the search: the page marks what is between."""
+    return text.split(search) if search else [text]
 
 
 def _pretty(payload: str) -> tuple[str, bool]:
@@ -76,7 +92,7 @@ def render_events_page(counters: Counters, params: dict[str, str], *,
 
     filters = {**params, "limit": limit}
     html = render_template(
-        "events.html", stats=counters, events=[_row(e) for e in events],
+        "events.html", stats=counters, events=[_row(e, params.get("q")) for e in events],
         topics=sorted(counters.topics.items()),
         topics_not_shown=counters.topics_in_all - len(counters.topics),
         next_cursor=next_cursor, searched=searched, filters=filters, live=live,

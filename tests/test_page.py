@@ -162,6 +162,24 @@ def test_every_field_is_escaped(client):
     assert "<script>" not in bad and "<img" not in bad
 
 
+def test_a_search_marks_its_matches_and_a_long_payload_shows_them_in_its_summary(client):
+    """The summary of a folded payload is then the text around the first match, not its
+    first 80 characters; every match in the shown text is marked, and all stays escaped."""
+    client.post("/publish", json=[
+        event("long", payload={"lines": list(range(60)), "why": "<b>NEEDLE</b>",
+                               "more": list(range(30))}),
+        event("short", payload={"note": "a <b>NEEDLE</b> and a <b>NEEDLE</b>"})])
+    html = client.get("/events", query_string={"q": "<b>NEEDLE"},
+                      headers=HTML).get_data(as_text=True)
+    assert "<b>" not in html
+    summary = re.search(r"<summary>(.*?)</summary>", html).group(1)
+    assert summary.startswith("…") and summary.endswith("…")
+    assert "&#34;why&#34;:&#34;<mark>&lt;b&gt;NEEDLE</mark>&lt;/b&gt;&#34;" in summary
+    assert html.count("<mark>&lt;b&gt;NEEDLE</mark>") == 4  # the summary, long's, short's 2
+    plain = client.get("/events", headers=HTML).get_data(as_text=True)
+    assert "<mark>" not in plain and "<summary>{&#34;lines&#34;:[0,1,2" in plain
+
+
 def test_long_payloads_are_collapsed(client):
     client.post("/publish", json=[event("big", payload={"lines": list(range(100))}),
                                   event("small", payload={"k": 1})])
