@@ -8,6 +8,7 @@ module, with pytestmark) `@pytest.mark.backends("sqlite")` to run it on those na
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ BACKENDS = ("sqlite", "postgresql")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run only on these storage backends")
+    # The tests send SIGINT as a terminal sends Ctrl-C to its foreground job. A suite started
+    # in the background (`make test &`) inherits SIGINT ignored, and so would every process
+    # it starts: the publisher then keeps to that, as nohup'd programs do, and the tests of
+    # Ctrl-C fail (9 of them did). Its children get SIGINT's default again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc):
