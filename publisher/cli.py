@@ -370,12 +370,8 @@ def _stop_sending_on_signals(summary: Summary, stop_retrying) -> Iterator[None]:
     its tally) or, for SIGTERM, ending at once (or, as PID 1 in a container, being
     ignored). A second one exits at once, without waiting for answers that may be slow to
     come (the aggregator may still commit those batches: sending them again is safe).
-    Nothing changes off the main thread, nor for a signal that is ignored (SIGINT is, in a
-    job that a script starts in the background). stop_retrying() is called at the first
-    one."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    Nothing changes off the main thread, nor for a signal that is ignored (see
+    handling_stop_signals). stop_retrying() is called at the first one."""
 
     def interrupt(signum, frame) -> None:
         if summary.interrupted is not None:
@@ -388,16 +384,28 @@ def _stop_sending_on_signals(summary: Summary, stop_retrying) -> Iterator[None]:
         print(f"publisher: {summary.interrupted}: sending nothing more; waiting for the "
               "answers to the batches in flight", file=sys.stderr, flush=True)
 
+    with handling_stop_signals(interrupt):
+        yield
+
+
+@contextmanager
+def handling_stop_signals(handler) -> Iterator[None]:
+    """Handle SIGINT and SIGTERM with handler inside the block, then put back what was
+    there. Nothing changes off the main thread, nor for a signal that is ignored: SIGINT is,
+    in a job that a script starts in the background, and a Ctrl-C is then the script's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(signum, interrupt)
+    for signum, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(signum, handler)
+        for signum, before in previous.items():
+            if before is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, before)
 
 
 def _say_waiting(reason: str, waited: float) -> None:

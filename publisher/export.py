@@ -15,7 +15,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from .cli import TOKEN_FILE_HELP, UsageError, _opened, _positive, _retries, _url, read_token_file
+from .cli import (
+    TOKEN_FILE_HELP,
+    UsageError,
+    _opened,
+    _positive,
+    _retries,
+    _url,
+    handling_stop_signals,
+    read_token_file,
+)
 from .client import Publisher, PublishError
 
 # What a publisher sends of an event. received_at is the aggregator's own (when it received
@@ -126,7 +135,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
 def _stopping_on_signals(stop: threading.Event, publisher: Publisher,
                          received: list[int]) -> Iterator[None]:
     """Make a first SIGINT or SIGTERM end the export after the page under way (written
-    whole), a second one at once; the signals are appended to received."""
+    whole), a second one at once; the signals are appended to received. An ignored SIGINT
+    stays ignored, as in the publisher."""
     def handler(signum, frame) -> None:
         if stop.is_set():
             os._exit(128 + signum)
@@ -134,13 +144,8 @@ def _stopping_on_signals(stop: threading.Event, publisher: Publisher,
         stop.set()
         publisher.stop_retrying()
 
-    previous = {signum: signal.signal(signum, handler)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling_stop_signals(handler):
         yield
-    finally:
-        for signum, handler_before in previous.items():
-            signal.signal(signum, handler_before)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -156,6 +156,26 @@ def test_an_export_cut_off_goes_on_from_the_cursor_it_names(gunicorn, tmp_path, 
                      for e in everything]
 
 
+def test_an_export_started_with_sigint_ignored_keeps_to_it(gunicorn):
+    """A job that a script starts in the background has SIGINT ignored (a Ctrl-C is for the
+    script): the export keeps to that, as the publisher does, and writes every event."""
+    server = gunicorn()
+    publish(server.url, 1000, pad=300)
+    export = subprocess.Popen(
+        ["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "publisher.export",
+         "--url", server.url, "--page-size", "25"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: waiting_bytes(export.stdout) >= 32 * 1024, 20, "a full pipe", 0.05)
+        export.send_signal(signal.SIGINT)
+        out, errors = export.communicate(timeout=60)
+    finally:
+        if export.poll() is None:
+            export.kill()
+    assert export.returncode == 0, errors
+    assert len(out.splitlines()) == 1000 and b"SIGINT" not in errors
+
+
 def test_nothing_listening_exits_1_saying_to_run_it_again():
     result = run("publisher.export", "--url", f"http://127.0.0.1:{free_port()}", "--retries",
                  "0")
