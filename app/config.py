@@ -101,21 +101,23 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
+    """Return text as a float, NaN (which no bound admits) when it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = 0.0
+        return float("nan")
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if not 0 < value < float("inf"):
         raise ValueError("must be a positive number of seconds")
     return value
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+    value = _float(text)
     if not 0 <= value < float("inf"):
         raise ValueError("must be a number of seconds, 0 or more")
     return value
