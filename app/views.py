@@ -129,7 +129,7 @@ def _events_page() -> Response:
 def _search_slot(query: EventQuery) -> Iterator[None]:
     """Hold one of this process's AGGREGATOR_SEARCH_CONCURRENCY search slots while a search
     (not an event_id lookup) runs; 429 busy when none frees up within SEARCH_WAIT_S."""
-    if query.contains is None or query.event_id is not None:
+    if not query.searching:
         yield
         return
     slots = current_app.extensions["searches"]

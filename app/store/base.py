@@ -105,6 +105,13 @@ class EventQuery:
     # ingestion order. None reads on until the page is full.
     scan: int | None = None
 
+    @property
+    def searching(self) -> bool:
+        """Return whether this is a search of the payloads, which reads them scan by scan:
+        contains without an event_id (a lookup by key reads one event per topic at most,
+        and contains then only tests its payload)."""
+        return self.contains is not None and self.event_id is None
+
     def over_size(self, count: int, size: int) -> bool:
         """Return whether count events whose payloads take size bytes are over
         max_bytes: the last of them is past the page (never the first)."""

@@ -66,11 +66,11 @@ class _Page:
     """The events read so far, whether the page is full (see EventQuery), and how far a
     search (EventQuery.contains) may still read."""
 
-    def __init__(self, query: EventQuery, contains: str):
+    def __init__(self, query: EventQuery, contains_sql: str):
         self.events: list[StoredEvent] = []
         self.query = query
         self.size = 0
-        self.contains = contains
+        self.contains_sql = contains_sql
         # A search reads no sequence number past bound (in the order read), and at most
         # budget of them in the spans of a time range; searched_to is where it stopped.
         self.bound: int | None = None
@@ -124,20 +124,19 @@ class _Page:
                 high, cut = self.bound, True
         if self.budget is not None:
             low, high = max(low, self.stored[0]), min(high, self.stored[1])
-        if self.budget is not None and low <= high:
-            if high - low + 1 > self.budget:
+            if low <= high and high - low + 1 > self.budget:
                 cut = True
                 if query.descending:
                     low = high - self.budget + 1
                 else:
                     high = low + self.budget - 1
-            self.budget -= high - low + 1
+            self.budget -= max(0, high - low + 1)
         if cut:
             self.searched_to = low if query.descending else high
         return low, high
 
 
-def read_page(run: Run, query: EventQuery, contains: str) -> EventPage:
+def read_page(run: Run, query: EventQuery, contains_sql: str) -> EventPage:
     """Return up to query.limit events after the cursor, oldest or newest first (fewer
     when their payloads are over query.max_bytes, or a search read its scan first).
 
@@ -149,15 +148,16 @@ def read_page(run: Run, query: EventQuery, contains: str) -> EventPage:
     given, or in each topic of topic_counts (topics are few), so its page holds at most
     one event per topic. Every statement must see one snapshot.
 
-    A search (query.contains; contains is the backend's SQL test of payload for it, with
-    one ? placeholder) reads the payloads of up to query.scan events past the cursor: the
-    next query.scan events of the topic or source asked (found through its index), else
-    that many sequence numbers, counted in the spans of a time range when one is asked.
+    A search (query.searching; contains_sql is the backend's SQL test of the payload for
+    query.contains, with one ? placeholder) reads the payloads of up to query.scan events
+    past the cursor: the next query.scan events of the topic or source asked (found
+    through its index), else that many sequence numbers, counted in the spans of a time
+    range when one is asked.
     It then stops, and the page says where (EventPage.searched_to).
     """
-    page = _Page(query, contains)
+    page = _Page(query, contains_sql)
     ranged = query.since is not None or query.until is not None
-    if query.contains is not None and query.scan is not None and query.event_id is None:
+    if query.searching and query.scan is not None:
         if query.topic is not None or query.source is not None:
             page.bound = _index_bound(run, query)
         elif ranged:
@@ -278,7 +278,7 @@ def _select(run: Run, query: EventQuery, page: _Page, *,
         # No index on event_id alone: one lookup of the key in each topic instead.
         where.insert(0, "topic IN (SELECT topic FROM topic_counts)")
     if query.contains is not None:
-        where.append(page.contains)
+        where.append(page.contains_sql)
         params.append(query.contains)
     if seqs is not None:
         where.append("seq BETWEEN ? AND ?")
