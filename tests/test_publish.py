@@ -217,6 +217,18 @@ def test_bad_request_body_gets_a_json_4xx_and_stores_nothing(client, db, label, 
     assert db_counters(db)["received"] == 0
 
 
+def test_an_integer_python_will_not_parse_is_a_400_a_client_can_read(client, db):
+    huge = "1" * 5000
+    for body, ctype, where in [
+            (f'{{"n": {huge}}}', "application/json", ""),
+            (f'{{"n": 1}}\n{{"n": {huge}}}\n', "application/x-ndjson", " on line 2")]:
+        response = publish(client, body.encode(), ctype)
+        assert response.status_code == 400
+        assert response.json["message"] == (
+            f"An integer{where} has more than 4300 digits, the most this server parses.")
+    assert table_keys(db) == []
+
+
 def test_too_many_events_is_413(make_app, db):
     client = make_app(max_batch=5).test_client()
     for body, ctype in ((json.dumps([event(str(i)) for i in range(6)]), "application/json"),
