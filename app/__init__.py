@@ -10,12 +10,12 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import errors, logs, pages, views
+from .batch import make_event_schema
 from .body import BodyBudget
 from .config import Config, in_force, with_overrides
 from .ingest import Ingestor
 from .metrics import Metrics
 from .openapi import build_spec
-from .schemas import make_event_schema
 from .store import open_store
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from . import schemas
+from .batch import make_event_schema
 from .schemas import NAME_MAX
 
 _JSON = "application/json"
@@ -129,7 +130,7 @@ def build_spec(version: str, max_payload: int) -> dict:
     plugin.converter.add_attribute_function(_field_attributes)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
-    spec.components.schema("Event", schema=schemas.make_event_schema(max_payload))
+    spec.components.schema("Event", schema=make_event_schema(max_payload))
     for name, schema in (("EventOut", schemas.EventOutSchema),
                          ("EventsPage", schemas.EventsPageSchema),
                          ("PublishResult", schemas.PublishResultSchema),

@@ -24,13 +24,14 @@ from marshmallow import ValidationError
 
 from . import pages
 from .auth import require_read, require_write
+from .batch import build_batch
 from .body import check_headers, encoding_label, parse_events, read_body
 from .config import Config
 from .errors import APIError
 from .ingest import Ingestor
 from .logs import utc_text
 from .metrics import CONTENT_TYPE
-from .schemas import EventsQuerySchema, build_batch, encode_cursor
+from .schemas import EventsQuerySchema, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
 from .store.base import utf8_length
 

@@ -42,7 +42,7 @@ TOPICS = ["orders"] * 40 + ["payments"] * 30 + ["auth"] * 20 + ["shipping"] * 9 
 
 def fill(db_path: Path, start: int, count: int, seed: int) -> float:
     """Store events start..start+count-1 through the aggregator's writer; return events/s."""
-    from app.schemas import received_now
+    from app.batch import received_now
     from app.store import Batch, SQLiteStore
 
     rng = random.Random(seed)

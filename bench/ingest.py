@@ -35,8 +35,8 @@ from bench.common import (
 def ceiling(bodies: list[bytes], db_path: Path, per_commit: int = 1) -> float:
     """Return events/s for parse + validate + insert on one core, one commit per
     per_commit bodies."""
+    from app.batch import build_batch, make_event_schema
     from app.config import Config
-    from app.schemas import build_batch, make_event_schema
     from app.store import SQLiteStore
 
     store = SQLiteStore(str(db_path))

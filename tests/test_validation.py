@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.schemas import build_batch, load_by_column, load_by_event, make_event_schema
+from app.batch import build_batch, load_by_column, load_by_event, make_event_schema
 
 MAX_PAYLOAD = 300
 SCHEMA = make_event_schema(MAX_PAYLOAD)
