@@ -15,6 +15,9 @@ PAGE_PARAMS = ("topic", "event_id", "source", "q", "since", "until", "limit", "a
 # The page names at most this many topics (the largest); past it, the topic filter is a
 # text field suggesting them, so a store of many thousand topics keeps a small page.
 TOPICS_SHOWN = 50
+# A payload this short is shown on one line, as stored (the payload column's width), not
+# indented over several: {"i":1} took three lines a row.
+_ONE_LINE_CHARS = 80
 _LONG_PAYLOAD_CHARS = 300
 _SUMMARY_CHARS = 80
 _LONG_PAYLOAD_LINES = 12
@@ -37,9 +40,13 @@ def page_params(args: Mapping[str, str]) -> dict[str, str]:
 
 
 def _row(event: StoredEvent, search: str | None) -> dict:
-    pretty, cut = _pretty(event.payload)
-    long = cut or len(pretty) > _LONG_PAYLOAD_CHARS or pretty.count("\n") > _LONG_PAYLOAD_LINES
     compact = event.payload  # as stored
+    if len(compact) <= _ONE_LINE_CHARS:  # one line as stored, as a search matches it
+        pretty, cut, long = compact, False, False
+    else:
+        pretty, cut = _pretty(compact)
+        long = (cut or len(pretty) > _LONG_PAYLOAD_CHARS
+                or pretty.count("\n") > _LONG_PAYLOAD_LINES)
     return {"timestamp": event.timestamp, "topic": event.topic, "event_id": event.event_id,
             "source": event.source, "received_at": event.received_at,
             "pretty": _marked(pretty, search), "cut": cut, "size": len(compact), "long": long,

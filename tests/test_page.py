@@ -180,6 +180,16 @@ def test_a_search_marks_its_matches_and_a_long_payload_shows_them_in_its_summary
     assert "<mark>" not in plain and "<summary>{&#34;lines&#34;:[0,1,2" in plain
 
 
+def test_a_short_payload_is_one_line_as_stored_and_a_longer_one_indented(client):
+    short = {"level": "info", "n": 1, "tags": ["a", "b"]}
+    longer = {"level": "info", "message": "x" * 60, "n": 2}
+    client.post("/publish", json=[event("short", payload=short),
+                                  event("longer", payload=longer)])
+    html = unescape(client.get("/events", headers=HTML).get_data(as_text=True))
+    assert '<pre>{"level":"info","n":1,"tags":["a","b"]}</pre>' in html
+    assert "<pre>" + json.dumps(longer, indent=2) + "</pre>" in html
+
+
 def test_long_payloads_are_collapsed(client):
     client.post("/publish", json=[event("big", payload={"lines": list(range(100))}),
                                   event("small", payload={"k": 1})])
