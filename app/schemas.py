@@ -177,7 +177,12 @@ class EventsPageSchema(Schema):
     """A page of GET /events."""
 
     events = fields.List(fields.Nested(EventOutSchema), required=True)
-    next_cursor = fields.String(required=True, allow_none=True)
+    next_cursor = fields.String(required=True, allow_none=True, metadata={
+        "description": "after= for the next page; null when no more events match now"})
+    end_cursor = fields.String(required=True, allow_none=True, metadata={
+        "description": "past the page's last event (next_cursor when there is one): with "
+                       "order=asc, after= for only the events that arrive later; null for an "
+                       "empty page asked for without after"})
 
 
 class PublishResultSchema(Schema):

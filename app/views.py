@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from json.encoder import encode_basestring as _quote
+from typing import NamedTuple
 
 from flask import (
     Blueprint,
@@ -101,15 +102,17 @@ def events() -> Response:
         names = ", ".join(sorted(exc.messages))
         raise APIError(400, "bad_query", f"Invalid query parameter(s): {names}.",
                        errors=exc.messages) from None
-    page, next_cursor, _ = _fetch_page(args)
+    page = _fetch_page(args)
     # Each payload goes out as it is stored: the compact JSON that ingest encoded (and
     # checked). Parsing it to encode it again cost time and, for a page of large or
     # deeply nested payloads, memory many times the page's size.
     events = ", ".join(
         f'{{"topic": {_quote(e.topic)}, "event_id": {_quote(e.event_id)}, '
         f'"timestamp": {_quote(e.timestamp)}, "source": {_quote(e.source)}, '
-        f'"payload": {e.payload}, "received_at": {_quote(e.received_at)}}}' for e in page)
-    body = f'{{"events": [{events}], "next_cursor": {json.dumps(next_cursor)}}}\n'
+        f'"payload": {e.payload}, "received_at": {_quote(e.received_at)}}}'
+        for e in page.events)
+    body = (f'{{"events": [{events}], "next_cursor": {json.dumps(page.next_cursor)}, '
+            f'"end_cursor": {json.dumps(page.end_cursor)}}}\n')
     return current_app.response_class(body, mimetype="application/json")
 
 
@@ -120,10 +123,10 @@ def _events_page() -> Response:
         args = _events_query.load({**params, "order": "desc"})
     except ValidationError as exc:
         return pages.render_events_page(counters, params, errors=exc.messages)
-    page, next_cursor, searched = _fetch_page(args)
-    return pages.render_events_page(counters, params, events=page, next_cursor=next_cursor,
-                                    limit=args["limit"],
-                                    searched=_config() if searched else None)
+    page = _fetch_page(args)
+    return pages.render_events_page(counters, params, events=page.events,
+                                    next_cursor=page.next_cursor, limit=args["limit"],
+                                    searched=_config() if page.searched else None)
 
 
 @contextmanager
@@ -144,9 +147,17 @@ def _search_slot(query: EventQuery) -> Iterator[None]:
         slots.release()
 
 
-def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None, bool]:
-    """Return one page of events for loaded query arguments, the next page's cursor, and
-    whether a search read its scans (AGGREGATOR_SEARCH_SCAN) before the page was full.
+class _Page(NamedTuple):
+    events: list[StoredEvent]
+    next_cursor: str | None  # where the next page begins; None: no more events now
+    # Past the page's last event (or, for a page with none, where it was asked from): where
+    # a later request goes on to see only what arrived since. next_cursor when there is one.
+    end_cursor: str | None
+    searched: bool  # a search read its scans (AGGREGATOR_SEARCH_SCAN) before it was full
+
+
+def _fetch_page(args: dict) -> _Page:
+    """Return one page of events for loaded query arguments.
 
     A page holds up to limit events, and fewer when their payloads are over
     AGGREGATOR_MAX_PAGE_BYTES (but at least one): the store reads one event past the
@@ -172,10 +183,13 @@ def _fetch_page(args: dict) -> tuple[list[StoredEvent], str | None, bool]:
     more = len(rows) > limit or query.over_size(
         len(rows), sum(utf8_length(event.payload) for event in rows))
     if more:
-        return rows[:-1], encode_cursor(rows[-2].seq), False
+        cursor = encode_cursor(rows[-2].seq)
+        return _Page(rows[:-1], cursor, cursor, False)
     if result.searched_to is not None:
-        return rows, encode_cursor(result.searched_to), True
-    return rows, None, False
+        cursor = encode_cursor(result.searched_to)
+        return _Page(rows, cursor, cursor, True)
+    end = rows[-1].seq if rows else query.after
+    return _Page(rows, None, None if end is None else encode_cursor(end), False)
 
 
 @bp.get("/stats")

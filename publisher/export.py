@@ -35,6 +35,7 @@ FILTERS = {"topic": "of this topic", "source": "from this source",
            "since": "timestamped at or after this time (ISO 8601)",
            "until": "timestamped before this time"}
 MAX_PAGE = 1000  # the aggregator's largest limit
+FOLLOW_EVERY_S = 1.0  # with --follow, how often to ask again once every event is written
 # Answers that asking again will not change: a bad filter or cursor (400), a missing or
 # wrong token (401, 403), no /events at --url (404, 405).
 REFUSALS = (400, 401, 403, 404, 405)
@@ -48,7 +49,8 @@ def event_line(event: dict) -> str:
 
 @dataclass
 class Progress:
-    """How far an export got: every event up to `cursor` is written (all, once `done`)."""
+    """How far an export got: every event up to `cursor` is written (all, once `done`),
+    and the events past it arrived later."""
 
     cursor: str | None
     written: int = 0
@@ -69,13 +71,15 @@ def write_all(fd: int, data: bytes) -> None:
 
 def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
            after: str | None = None, page_size: int = MAX_PAGE,
-           stop: threading.Event | None = None) -> Progress:
+           stop: threading.Event | None = None, follow: bool = False) -> Progress:
     """Write every event matching the filters to the file descriptor `out`, oldest first,
-    from the one after the cursor `after` (from the start if None), until the end or a
-    stop; never raise PublishError.
+    from the one after the cursor `after` (from the start if None), until the end (or,
+    following, the events that arrive later, asked for every FOLLOW_EVERY_S) or a stop;
+    never raise PublishError.
 
     Each page is written whole (write_all) before the next is asked for, so `cursor` in
-    the result always names where the events not yet written begin.
+    the result always names where the events not yet written begin: the page's
+    end_cursor, which is past its last event even at the end.
     """
     stop = stop if stop is not None else threading.Event()
     progress = Progress(cursor=after)
@@ -89,11 +93,13 @@ def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
             break
         write_all(out, "".join(event_line(event) for event in page["events"]).encode())
         progress.written += len(page["events"])
-        progress.pages += 1
+        progress.pages += 1 if page["events"] or not follow else 0  # not the empty polls
+        progress.cursor = page["end_cursor"]
         if page["next_cursor"] is None:
-            progress.done = True
-            break
-        progress.cursor = page["next_cursor"]
+            if not follow:
+                progress.done = True
+                break
+            stop.wait(FOLLOW_EVERY_S)
     return progress
 
 
@@ -117,6 +123,10 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                                               "takes it")
     parser.add_argument("--after", help="go on from this cursor (a stopped export names it); "
                                         "the output file is then appended to")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="once every event is written, go on writing those that arrive, "
+                             f"asking every {FOLLOW_EVERY_S:g} s, until Ctrl-C or SIGTERM "
+                             "(with --retries unlimited, through outages as well)")
     parser.add_argument("--output", "-o", default="-",
                         help="the NDJSON file to write (default: standard output)")
     parser.add_argument("--page-size", type=_positive, default=MAX_PAGE,
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             with _stopping_on_signals(stop, publisher, signals):
                 out.flush()  # pages go out through os.write, past what is buffered
                 progress = export(publisher, filters, out.fileno(), after=args.after,
-                                  page_size=args.page_size, stop=stop)
+                                  page_size=args.page_size, stop=stop, follow=args.follow)
     except UsageError as exc:
         print(f"publisher.export: error: {exc}", file=sys.stderr)
         return 2
@@ -177,6 +187,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     print(f"publisher.export: wrote {progress.written} events ({progress.pages} pages) to "
           f"{where} in {time.monotonic() - start:.1f} s", file=sys.stderr)
     if progress.done:
+        if progress.cursor:  # an incremental export takes on from there
+            print(f"publisher.export: the events that arrive later follow --after "
+                  f"{progress.cursor}", file=sys.stderr)
         return 0
     if progress.status in REFUSALS:  # going on would not help
         print(f"publisher.export: error: {progress.error}", file=sys.stderr)

@@ -57,6 +57,65 @@ def test_cursor_paging_returns_each_event_once_while_more_arrive(gunicorn):
     assert pages >= 27
 
 
+def test_a_follower_on_end_cursor_sees_every_event_once_while_two_publishers_write(gunicorn):
+    """end_cursor is where to go on for what arrives later, next_cursor or not: a reader
+    polling with it, while two publishers commit 2,000 events over both workers, gets each
+    of them once (sequence numbers follow the commits, so none arrives behind it)."""
+    server = gunicorn()
+    post(server.url, [event(f"old-{i}") for i in range(300)])
+
+    def keep_publishing(name):
+        for n in range(100):
+            post(server.url, [event(f"{name}-{n}-{i}") for i in range(10)])
+
+    writers = [threading.Thread(target=keep_publishing, args=(name,)) for name in "ab"]
+    seen, cursor = [], None
+    with requests.Session() as session:
+        first = session.get(server.url + "/events", params={"limit": 1000}, timeout=10).json()
+        assert first["next_cursor"] is None
+        seen.extend(e["event_id"] for e in first["events"])
+        cursor = first["end_cursor"]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 60
+        while len(seen) < 2300 and time.monotonic() < deadline:
+            page = session.get(server.url + "/events", params={"limit": 37, "after": cursor},
+                               timeout=10).json()
+            seen.extend(e["event_id"] for e in page["events"])
+            assert page["end_cursor"] is not None
+            assert page["next_cursor"] in (None, page["end_cursor"])
+            cursor = page["end_cursor"]
+    for writer in writers:
+        writer.join()
+    assert len(seen) == len(set(seen)) == 2300
+    assert seen[:300] == [f"old-{i}" for i in range(300)]
+
+
+def test_end_cursor_is_past_the_last_event_of_each_filter_and_order(client):
+    assert client.get("/events").json == {"events": [], "next_cursor": None,
+                                          "end_cursor": None}
+    client.post("/publish", json=[event(f"e{i}", topic="ab"[i % 2],
+                                        payload={"n": i, "hit": i == 4}) for i in range(6)])
+    full = client.get("/events?limit=2").json
+    assert full["end_cursor"] == full["next_cursor"] is not None
+    # Each later event matches its own query only (and the last query, every event).
+    for query, last, later in (("topic=a&", "e4", event("a-later", topic="a")),
+                               ("q=%22hit%22:true&", "e4",
+                                event("hit-later", topic="c", payload={"hit": True})),
+                               ("", "hit-later", event("any-later", topic="d"))):
+        page = client.get(f"/events?{query}limit=1000").json
+        assert page["next_cursor"] is None and page["events"][-1]["event_id"] == last
+        end = page["end_cursor"]
+        caught_up = client.get(f"/events?{query}after={end}").json
+        assert caught_up == {"events": [], "next_cursor": None, "end_cursor": end}
+        client.post("/publish", json=[later])
+        assert ids(client.get(f"/events?{query}after={end}")) == [later["event_id"]]
+    newest_first = client.get("/events?order=desc&limit=1000").json
+    assert newest_first["events"][-1]["event_id"] == "e0"
+    assert client.get(f"/events?order=desc&after={newest_first['end_cursor']}").json[
+        "events"] == []
+
+
 @pytest.fixture
 def filled(client):
     batch = []
@@ -286,8 +345,8 @@ def test_a_search_that_finds_nothing_reads_on_for_its_time(make_app):
     needle_at_5(slow := make_app(search_scan=40, search_time=60).test_client())
     page = slow.get("/events?q=needle&order=desc").json
     assert [e["event_id"] for e in page["events"]] == ["s5"] and page["next_cursor"] is None
-    assert slow.get("/events?q=nowhere&order=desc").json == {"events": [],
-                                                              "next_cursor": None}
+    nowhere = slow.get("/events?q=nowhere&order=desc").json
+    assert nowhere["events"] == [] and nowhere["next_cursor"] is None
     hasty = make_app(search_scan=40, search_time=0).test_client()
     page = hasty.get("/events?q=needle&order=desc").json
     assert page["events"] == [] and decode_cursor(page["next_cursor"]) == 61  # s60's seq

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 
 import pytest
 import requests
@@ -95,6 +96,60 @@ def test_a_search_is_exported_through_its_pages_of_nothing(gunicorn):
     assert [json.loads(line)["event_id"] for line in result.stdout.splitlines()] == [
         f"e{i}" for i in range(1, 100, len(PAYLOADS))]
     assert "wrote 20 events (15 pages)" in result.stderr  # 100 events (and 50 re-sent) / 7
+
+
+def test_a_finished_export_names_where_the_next_one_takes_on(gunicorn, tmp_path):
+    """Incremental exports: each writes only what arrived since the one before."""
+    server = gunicorn()
+    publish(server.url, 40)
+    out = tmp_path / "events.ndjson"
+    cursor = None
+    for count, prefix in ((40, "e"), (7, "later")):
+        if prefix == "later":
+            publish(server.url, count, prefix=prefix)
+        args = ["--after", cursor] if cursor else []
+        result = run("publisher.export", "--url", server.url, "--topic", "a", "-o", str(out),
+                     *args)
+        assert result.returncode == 0, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("publisher.export: the events that arrive later follow --after ")
+        cursor = last.rsplit(" ", 1)[-1]
+    assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
+        *(f"e{i}" for i in range(0, 40, 3)), *(f"later{i}" for i in range(0, 7, 3))]
+
+
+def test_follow_writes_the_events_that_arrive_until_sigint(gunicorn):
+    """--follow: every event once, those published while it runs as well, each as soon as
+    it is asked for; SIGINT ends it with the cursor to go on from."""
+    server = gunicorn()
+    publish(server.url, 30)
+    export = subprocess.Popen(
+        [sys.executable, "-m", "publisher.export", "--url", server.url, "--follow",
+         "--page-size", "10"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(export.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: len(lines) >= 30, 20, "the first 30 events", 0.05)
+        for total in (40, 50):
+            publish(server.url, 10, prefix=f"new{total}-")
+            wait_for(lambda want=total: len(lines) >= want, 20, "the new events", 0.05)
+        export.send_signal(signal.SIGINT)
+        export.wait(timeout=30)
+        errors = export.stderr.read().decode()
+    finally:
+        if export.poll() is None:
+            export.kill()
+    reader.join(timeout=10)
+    assert export.returncode == 130, errors
+    assert [json.loads(line)["event_id"] for line in lines] == [
+        e["event_id"] for e in stored(server.url)]
+    assert len(lines) == 50 and "wrote 50 events (5 pages)" in errors  # not the empty polls
+    cursor = errors.strip().splitlines()[-1].rsplit(" ", 1)[-1]
+    publish(server.url, 3, prefix="after")
+    rest = run("publisher.export", "--url", server.url, "--after", cursor)
+    assert [json.loads(line)["event_id"] for line in rest.stdout.splitlines()] == [
+        "after0", "after1", "after2"]
 
 
 def test_a_bad_filter_or_token_exits_2_with_the_aggregators_words(gunicorn, tmp_path):
