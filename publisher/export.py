@@ -49,8 +49,8 @@ def event_line(event: dict) -> str:
 
 @dataclass
 class Progress:
-    """How far an export got: every event up to `cursor` is written (all, once `done`),
-    and the events past it arrived later."""
+    """How far an export got: every event up to `cursor` is written (all of them once
+    `done`: any past it arrived later)."""
 
     cursor: str | None
     written: int = 0
