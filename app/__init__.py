@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, logs, pages, views
+from . import compression, errors, logs, pages, views
 from .batch import make_event_schema
 from .body import BodyBudget
 from .config import Config, in_force, with_overrides
@@ -55,6 +55,7 @@ def create_app(test_config: Mapping[str, object] | None = None) -> Flask:
     logs.init_app(app)
     errors.init_app(app)
     pages.init_app(app)
+    compression.init_app(app)
     app.register_blueprint(views.bp)
     return app
 

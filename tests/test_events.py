@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import json
 import re
 import threading
 import time
@@ -487,3 +489,40 @@ def test_request_line_too_long_is_a_json_414(gunicorn):
     response = requests.get(server.url + "/events", params={"topic": "t" * 9000}, timeout=10)
     assert response.status_code == 414
     assert response.json()["error"] == "uri_too_long"
+
+
+def test_reads_are_gzipped_for_a_client_that_takes_it(client):
+    client.post("/publish", json=[event(f"e{i}", payload={"text": "x" * 50, "i": i})
+                                  for i in range(100)])
+    browser = {"Accept": "text/html"}
+    for path, headers in (("/events", {}), ("/events", browser), ("/metrics", {})):
+        plain = client.get(path, headers=headers)
+        assert "Content-Encoding" not in plain.headers
+        assert "Accept-Encoding" in plain.headers["Vary"]
+        packed = client.get(path, headers={**headers, "Accept-Encoding": "gzip, deflate"})
+        assert packed.headers["Content-Encoding"] == "gzip", path
+        assert "Accept-Encoding" in packed.headers["Vary"]
+        assert int(packed.headers["Content-Length"]) == len(packed.data) < len(plain.data) / 3
+        if path != "/metrics":  # its histograms move between the two scrapes
+            assert gzip.decompress(packed.data) == plain.data
+    for refused in ("gzip;q=0", "identity", "br"):
+        assert "Content-Encoding" not in client.get(
+            "/events", headers={"Accept-Encoding": refused}).headers
+    for small in ("/health", "/stats"):  # under 1 KiB: not worth it
+        answer = client.get(small, headers={"Accept-Encoding": "gzip"})
+        assert answer.status_code == 200 and "Content-Encoding" not in answer.headers
+
+
+def test_a_gzipped_page_through_gunicorn_is_whole_and_7_times_smaller(gunicorn):
+    server = gunicorn()
+    post(server.url, [event(f"e{i}", payload={"level": "info", "message": f"GET /x/{i} -> 200",
+                                              "user_id": i * 7919 % 50000})
+                      for i in range(1000)])
+    url = server.url + "/events?limit=1000"
+    identity = requests.get(url, headers={"Accept-Encoding": "identity"}, timeout=10)
+    packed = requests.get(url, stream=True, timeout=10)  # requests asks for gzip
+    raw = packed.raw.read(decode_content=False)
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert len(raw) == int(packed.headers["Content-Length"]) < len(identity.content) / 7
+    assert gzip.decompress(raw) == identity.content
+    assert len(json.loads(identity.content)["events"]) == 1000
