@@ -124,14 +124,14 @@ def _seconds(text: str) -> float:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _duration(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if not match or float(match[1]) <= 0:
         raise ValueError("must be a duration such as 30d, 12h, 90m or 3600s")
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
+    return float(match[1]) * UNIT_SECONDS[match[2]]
 
 
 def _token(text: str) -> str | None:

@@ -19,6 +19,9 @@ def _field_attributes(converter, field, **kwargs) -> dict:
                 "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}
     if isinstance(field, schemas.Cursor):
         return {"pattern": schemas.CURSOR_PATTERN}
+    if isinstance(field, schemas.QueryTimestamp):
+        return {"anyOf": [{"type": "string", "format": "date-time"},
+                          {"type": "string", "pattern": schemas.RELATIVE_PATTERN}]}
     if isinstance(field, schemas.Payload):
         return {"default": {}, "x-max-serialised-bytes": field.max_bytes}
     return {}
@@ -124,7 +127,7 @@ def build_spec(version: str, max_payload: int) -> dict:
                                                           "ingest with exact counts."})
     plugin.map_to_openapi_type(schemas.Name, "string", None)
     plugin.map_to_openapi_type(schemas.Timestamp, "string", "date-time")
-    plugin.map_to_openapi_type(schemas.QueryTimestamp, "string", "date-time")
+    plugin.map_to_openapi_type(schemas.QueryTimestamp, None, None)
     plugin.map_to_openapi_type(schemas.Cursor, "string", None)
     plugin.map_to_openapi_type(schemas.Payload, "object", None)
     plugin.converter.add_attribute_function(_field_attributes)

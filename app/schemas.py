@@ -10,6 +10,8 @@ from json.encoder import c_make_encoder, encode_basestring
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, pre_load, validate
 
+from .config import UNIT_SECONDS
+
 NAME_MAX = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # JSON's \ud800-style escapes can smuggle lone surrogates in: no UTF-8 encoding exists for them.
@@ -260,9 +262,27 @@ class Cursor(fields.Field):
         return decode_cursor(value)
 
 
+# A time relative to the request's, as Grafana writes them: now, now-15m, now-1.5h, now-7d.
+RELATIVE_PATTERN = r"^now(-[0-9]+(\.[0-9]+)?[smhd])?$"
+_RELATIVE = re.compile(r"now(?:-(\d+(?:\.\d+)?)([smhd]))?")
+
+
 class QueryTimestamp(fields.Field):
+    """since or until: an ISO 8601 date-time with an offset, or a time relative to the
+    request's (a view of the last hour stays one in a bookmark, and in the live page)."""
+
     def _deserialize(self, value, attr, data, **kwargs):
-        return timestamp_micros(value)
+        if not (isinstance(value, str) and value.startswith("now")):
+            return timestamp_micros(value)
+        match = _RELATIVE.fullmatch(value)
+        if match is None:
+            raise ValidationError("Not a valid relative time: now, or now- and a duration "
+                                  "such as now-15m, now-2h or now-7d (units s, m, h, d).")
+        try:
+            ago = timedelta(seconds=float(match[1] or 0) * UNIT_SECONDS[match[2] or "s"])
+            return _micros(datetime.now(UTC) - ago)
+        except OverflowError:  # before year 1: no event is older
+            return _micros(datetime.min.replace(tzinfo=UTC))
 
 
 # Parameters of the events page that the JSON API takes and ignores (app/pages.py).
@@ -289,8 +309,10 @@ class EventsQuerySchema(Schema):
                        "(10,000) events past the cursor at a time, and more while it finds "
                        "none for up to AGGREGATOR_SEARCH_TIME (0.25 s): a page can then hold "
                        "fewer than limit events, or none, and still have a next_cursor"})
-    since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, inclusive"})
-    until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, exclusive"})
+    since = QueryTimestamp(metadata={"description": "ISO 8601 with offset, or relative to "
+                                                    "now (now-15m, now-2h, now-7d); inclusive"})
+    until = QueryTimestamp(metadata={"description": "ISO 8601 with offset, or relative to "
+                                                    "now (now, now-1h); exclusive"})
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000), metadata={
         "description": "most events in the page; a page of large payloads ends sooner, "
                        "past AGGREGATOR_MAX_PAGE_BYTES (4 MiB) of them, with a next_cursor"})

@@ -32,7 +32,7 @@ from .client import Publisher, PublishError
 FIELDS = ("topic", "event_id", "timestamp", "source", "payload")
 FILTERS = {"topic": "of this topic", "source": "from this source",
            "q": "whose payload (compact JSON) holds this text",
-           "since": "timestamped at or after this time (ISO 8601)",
+           "since": "timestamped at or after this time (ISO 8601, or now-1h, now-7d)",
            "until": "timestamped before this time"}
 MAX_PAGE = 1000  # the aggregator's largest limit
 FOLLOW_EVERY_S = 1.0  # with --follow, how often to ask again once every event is written

@@ -526,3 +526,27 @@ def test_a_gzipped_page_through_gunicorn_is_whole_and_7_times_smaller(gunicorn):
     assert len(raw) == int(packed.headers["Content-Length"]) < len(identity.content) / 7
     assert gzip.decompress(raw) == identity.content
     assert len(json.loads(identity.content)["events"]) == 1000
+
+
+def test_since_and_until_take_times_relative_to_now(client):
+    now = datetime.now(UTC)
+    client.post("/publish", json=[
+        event(name, timestamp=(now - ago).isoformat().replace("+00:00", "Z"))
+        for name, ago in (("days-ago", timedelta(days=3)), ("2h-ago", timedelta(hours=2)),
+                          ("30m-ago", timedelta(minutes=30)),
+                          ("in-an-hour", timedelta(hours=-1)))])
+    for query, expected in (("since=now-1h", ["30m-ago", "in-an-hour"]),
+                            ("since=now-2.5h&until=now-1h", ["2h-ago"]),
+                            ("since=now-7d&until=now", ["days-ago", "2h-ago", "30m-ago"]),
+                            ("since=now", ["in-an-hour"]), ("until=now-1d", ["days-ago"]),
+                            ("since=now-90s", ["in-an-hour"]),
+                            # Before year 1 (a timedelta's end, then datetime's): from the start.
+                            ("since=now-99999999999d", ["days-ago", "2h-ago", "30m-ago",
+                                                         "in-an-hour"]),
+                            ("until=now-4000000d", [])):
+        assert ids(client.get(f"/events?{query}")) == expected, query
+    for bad in ("now+1h", "now-1x", "now-", "nowadays", "now-1h30m", "now-1e3d"):
+        answer = client.get("/events", query_string={"since": bad})
+        assert answer.status_code == 400, bad
+        assert list(answer.json["errors"]) == ["since"], bad
+        assert "relative time" in answer.json["errors"]["since"][0].lower(), bad

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import UTC, datetime, timedelta
 from html import unescape
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -188,6 +189,22 @@ def test_a_short_payload_is_one_line_as_stored_and_a_longer_one_indented(client)
     html = unescape(client.get("/events", headers=HTML).get_data(as_text=True))
     assert '<pre>{"level":"info","n":1,"tags":["a","b"]}</pre>' in html
     assert "<pre>" + json.dumps(longer, indent=2) + "</pre>" in html
+
+
+def test_the_last_hour_is_a_link_and_a_view_that_stays_the_last_hour(client):
+    now = datetime.now(UTC)
+    client.post("/publish", json=[
+        event(name, timestamp=(now - ago).isoformat().replace("+00:00", "Z"))
+        for name, ago in (("old", timedelta(hours=2)), ("recent", timedelta(minutes=5)))])
+    html = unescape(client.get("/events?topic=orders&after=AAAAAAAAAAE",
+                               headers=HTML).get_data(as_text=True))
+    links = dict((label, parse_qs(urlsplit(href).query)) for href, label in re.findall(
+        r'<a href="([^"]*since=now[^"]*)"[^>]*>([^<]+)</a>', html))
+    assert list(links) == ["15 minutes", "hour", "24 hours", "7 days"]
+    assert links["hour"] == {"since": ["now-1h"], "topic": ["orders"]}  # not after
+    html = client.get("/events?since=now-1h", headers=HTML).get_data(as_text=True)
+    assert ">recent<" in html and ">old<" not in html
+    assert re.search(r'since=now-1h"[^>]* aria-current="true">hour<', html)
 
 
 def test_long_payloads_are_collapsed(client):
