@@ -1,0 +1,159 @@
+"""A logging handler that ships a Python program's log records to an aggregator.
+
+    handler = AggregatorHandler("http://127.0.0.1:8080", topic="billing")
+    logging.getLogger().addHandler(handler)
+
+Records are sent in batches by a thread of the handler's own, and retried until they are
+acknowledged: each has an event_id of its own, so a batch sent twice (an answer lost in an
+outage) is stored once. Logging never waits for the network nor raises: when the buffer
+is full, a record is dropped and counted. logging.shutdown(), which runs at exit, closes
+the handler, which sends what is buffered first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+
+from .client import Publisher, PublishError
+
+# What every LogRecord has: the rest of its attributes came as extra={...}.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FORMATTER = logging.Formatter()
+
+
+class AggregatorHandler(logging.Handler):
+    """Send log records to an aggregator's /publish, as events of one topic.
+
+    sent, rejected and dropped count the records acknowledged (stored, or duplicates of
+    ones stored), refused by the aggregator (a payload over its limit; every record of a
+    batch for a wrong token), and never delivered (the buffer full, or still unsent when
+    close() gave up).
+    """
+
+    def __init__(self, url: str, topic: str, *, source: str | None = None,
+                 token: str | None = None, batch_size: int = 500, linger: float = 1.0,
+                 capacity: int = 10_000, close_timeout: float = 5.0,
+                 level: int = logging.NOTSET):
+        """source defaults to the host's name. A batch goes once it holds batch_size records
+        or its first has waited linger seconds. At most capacity records wait to be sent;
+        close() waits up to close_timeout seconds for them to be acknowledged."""
+        super().__init__(level)
+        for name, value in (("topic", topic), ("source", source)):
+            if value is not None and not (0 < len(value) <= 255 and not _UNSAFE.search(value)):
+                raise ValueError(f"{name} must be 1 to 255 characters, none a control one")
+        self.topic = topic
+        self.source = source or socket.gethostname()[:255] or "localhost"
+        self.batch_size = batch_size
+        self.linger = linger
+        self.close_timeout = close_timeout
+        self.sent = self.rejected = self.dropped = 0
+        self._counting = threading.Lock()
+        self._publisher = Publisher(url, token=token, retries=None, pool_size=1)
+        self._room = threading.Semaphore(capacity)  # taken by each record until it is sent
+        self._queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._ids = (f"{self.source[:64]}-{os.getpid()}-{time.time_ns():x}-{n}"
+                     for n in range(1, 1 << 62))
+        self._closed = False
+        self._given_up = threading.Event()
+        self._sender = threading.Thread(target=self._send_batches, daemon=True,
+                                        name="aggregator-handler")
+        self._sender.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue the record as an event, or drop it (counted) if the buffer is full."""
+        try:
+            event = self._event(record)
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
+            return
+        # Under the handler's lock (logging.Handler.handle), as close() sets _closed.
+        if self._closed or not self._room.acquire(blocking=False):
+            self._count(dropped=1)
+            return
+        self._queue.put(event)
+
+    def _event(self, record: logging.LogRecord) -> dict:
+        payload = {"level": record.levelname, "logger": record.name,
+                   "message": record.getMessage(), "module": record.module,
+                   "function": record.funcName, "line": record.lineno,
+                   "process": record.process, "thread": record.threadName}
+        if record.exc_info:
+            payload["exception"] = _FORMATTER.formatException(record.exc_info)
+        if record.stack_info:
+            payload["stack"] = record.stack_info
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if extra:  # JSON as far as it goes, the text of anything else
+            payload["extra"] = json.loads(json.dumps(extra, default=str))
+        return {"topic": self.topic, "event_id": next(self._ids),
+                "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                    timespec="microseconds").replace("+00:00", "Z"),
+                "source": self.source, "payload": payload}
+
+    def _send_batches(self) -> None:
+        """Send batch after batch until close(); once it gives up, count the rest dropped."""
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, due = [first], time.monotonic() + self.linger
+            while len(batch) < self.batch_size and (left := due - time.monotonic()) > 0:
+                try:
+                    event = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if event is None:  # close(): what is queued is all there is
+                    closing = True
+                    break
+                batch.append(event)
+            if self._given_up.is_set():
+                self._count(dropped=len(batch))
+            else:
+                self._send(batch)
+            for _ in batch:
+                self._room.release()
+
+    def _send(self, batch: list[dict]) -> None:
+        try:
+            result = self._publisher.publish(json.dumps(batch).encode())
+        except PublishError:  # retried until close() gave up on it
+            self._count(dropped=len(batch))
+            return
+        if result.status == 413 and len(batch) > 1:  # over the aggregator's limits: halves
+            self._send(batch[:len(batch) // 2])
+            self._send(batch[len(batch) // 2:])
+        elif result.acknowledged:
+            self._count(sent=result.received, rejected=result.rejected)
+        else:  # a refusal that retrying does not mend (401: the token)
+            self._count(rejected=len(batch))
+
+    def _count(self, sent: int = 0, rejected: int = 0, dropped: int = 0) -> None:
+        with self._counting:
+            self.sent += sent
+            self.rejected += rejected
+            self.dropped += dropped
+
+    def close(self) -> None:
+        """Send what is buffered, waiting up to close_timeout seconds for it (and a second
+        more for a batch under way once it gives up), then stop."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._sender.join(self.close_timeout)
+        if self._sender.is_alive():  # the aggregator is away: give up on what is left
+            self._given_up.set()
+            self._publisher.stop_retrying()
+            self._sender.join(1.0)
+        self._publisher.close()
+        super().close()
