@@ -20,6 +20,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from datetime import UTC, datetime
 
 from .client import Publisher, PublishError
@@ -55,18 +56,28 @@ class AggregatorHandler(logging.Handler):
         self.batch_size = batch_size
         self.linger = linger
         self.close_timeout = close_timeout
+        self._url, self._token, self._capacity = url, token, capacity
+        self._closed = False
+        self._start()
+        # A process forked after this (gunicorn's workers, when the app is preloaded) has
+        # no sending thread: it gets one of its own, and leaves the records queued before
+        # the fork to the parent, which sends them.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (handler := ref()) and handler._start())
+
+    def _start(self) -> None:
         self.sent = self.rejected = self.dropped = 0
         self._counting = threading.Lock()
-        self._publisher = Publisher(url, token=token, retries=None, pool_size=1)
-        self._room = threading.Semaphore(capacity)  # taken by each record until it is sent
+        self._publisher = Publisher(self._url, token=self._token, retries=None, pool_size=1)
+        self._room = threading.Semaphore(self._capacity)  # taken by a record until it is sent
         self._queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self._ids = (f"{self.source[:64]}-{os.getpid()}-{time.time_ns():x}-{n}"
                      for n in range(1, 1 << 62))
-        self._closed = False
         self._given_up = threading.Event()
         self._sender = threading.Thread(target=self._send_batches, daemon=True,
                                         name="aggregator-handler")
-        self._sender.start()
+        if not self._closed:
+            self._sender.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         """Queue the record as an event, or drop it (counted) if the buffer is full."""

@@ -124,3 +124,27 @@ def test_a_program_that_just_exits_has_its_records_sent(gunicorn):
     assert result.returncode == 0, result.stderr
     assert [e["payload"]["message"] for e in every_event(server.url)] == [
         f"n {i}" for i in range(300)]
+
+
+def test_a_forked_process_sends_its_own_records_and_not_its_parents(gunicorn):
+    """A child forked after the handler was made (as gunicorn forks its workers) gets a
+    sending thread of its own; the records queued before the fork are the parent's."""
+    server = gunicorn()
+    program = ("import logging, os\n"
+               "from publisher import AggregatorHandler\n"
+               f"handler = AggregatorHandler({server.url!r}, topic='fork', linger=0.2)\n"
+               "logging.getLogger().addHandler(handler)\n"
+               "for i in range(20):\n"
+               "    logging.warning('parent %d', i)\n"
+               "child = os.fork()\n"
+               "who = 'child' if child == 0 else 'parent'\n"
+               "for i in range(20, 40):\n"
+               "    logging.warning(who + ' %d', i)\n"
+               "if child:\n"
+               "    assert os.waitpid(child, 0)[1] == 0\n")
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    messages = [e["payload"]["message"] for e in every_event(server.url)]
+    assert sorted(messages) == sorted([*(f"parent {i}" for i in range(40)),
+                                       *(f"child {i}" for i in range(20, 40))])
