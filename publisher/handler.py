@@ -29,6 +29,7 @@ from .client import Publisher, PublishError
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FORMATTER = logging.Formatter()
+_CLOSE, _FLUSH = object(), object()  # in the queue: stop once what is before is sent; send now
 
 
 class AggregatorHandler(logging.Handler):
@@ -67,10 +68,11 @@ class AggregatorHandler(logging.Handler):
 
     def _start(self) -> None:
         self.sent = self.rejected = self.dropped = 0
-        self._counting = threading.Lock()
+        self._unsent = 0  # records queued or in the batch being sent
+        self._stalled = False  # a flush() timed out, and nothing was acknowledged since
+        self._settled = threading.Condition()  # guards the counts; told when _unsent falls
         self._publisher = Publisher(self._url, token=self._token, retries=None, pool_size=1)
-        self._room = threading.Semaphore(self._capacity)  # taken by a record until it is sent
-        self._queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._ids = (f"{self.source[:64]}-{os.getpid()}-{time.time_ns():x}-{n}"
                      for n in range(1, 1 << 62))
         self._given_up = threading.Event()
@@ -86,10 +88,11 @@ class AggregatorHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging's contract: report, never raise
             self.handleError(record)
             return
-        # Under the handler's lock (logging.Handler.handle), as close() sets _closed.
-        if self._closed or not self._room.acquire(blocking=False):
-            self._count(dropped=1)
-            return
+        with self._settled:
+            if self._closed or self._unsent >= self._capacity:
+                self.dropped += 1
+                return
+            self._unsent += 1
         self._queue.put(event)
 
     def _event(self, record: logging.LogRecord) -> dict:
@@ -114,24 +117,27 @@ class AggregatorHandler(logging.Handler):
         closing = False
         while not closing:
             first = self._queue.get()
-            if first is None:
+            if first is _CLOSE:
                 return
+            if first is _FLUSH:
+                continue
             batch, due = [first], time.monotonic() + self.linger
             while len(batch) < self.batch_size and (left := due - time.monotonic()) > 0:
                 try:
                     event = self._queue.get(timeout=left)
                 except queue.Empty:
                     break
-                if event is None:  # close(): what is queued is all there is
-                    closing = True
+                if event is _CLOSE or event is _FLUSH:  # send what is here now
+                    closing = event is _CLOSE
                     break
                 batch.append(event)
             if self._given_up.is_set():
                 self._count(dropped=len(batch))
             else:
                 self._send(batch)
-            for _ in batch:
-                self._room.release()
+            with self._settled:
+                self._unsent -= len(batch)
+                self._settled.notify_all()
 
     def _send(self, batch: list[dict]) -> None:
         try:
@@ -143,15 +149,26 @@ class AggregatorHandler(logging.Handler):
             self._send(batch[:len(batch) // 2])
             self._send(batch[len(batch) // 2:])
         elif result.acknowledged:
+            self._stalled = False
             self._count(sent=result.received, rejected=result.rejected)
         else:  # a refusal that retrying does not mend (401: the token)
             self._count(rejected=len(batch))
 
     def _count(self, sent: int = 0, rejected: int = 0, dropped: int = 0) -> None:
-        with self._counting:
+        with self._settled:
             self.sent += sent
             self.rejected += rejected
             self.dropped += dropped
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send what is buffered now, without waiting for the linger, and wait up to timeout
+        seconds (default close_timeout) for it to be sent; return whether it was."""
+        self._queue.put(_FLUSH)
+        with self._settled:
+            settled = self._settled.wait_for(lambda: self._unsent == 0, self.close_timeout
+                                             if timeout is None else timeout)
+            self._stalled = not settled
+            return settled
 
     def close(self) -> None:
         """Send what is buffered, waiting up to close_timeout seconds for it (and a second
@@ -160,8 +177,9 @@ class AggregatorHandler(logging.Handler):
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(None)
-        self._sender.join(self.close_timeout)
+        self._queue.put(_CLOSE)
+        # logging.shutdown() flushes first: after a flush that waited in vain, no second wait.
+        self._sender.join(0 if self._stalled else self.close_timeout)
         if self._sender.is_alive():  # the aggregator is away: give up on what is left
             self._given_up.set()
             self._publisher.stop_retrying()

@@ -148,3 +148,33 @@ def test_a_forked_process_sends_its_own_records_and_not_its_parents(gunicorn):
     messages = [e["payload"]["message"] for e in every_event(server.url)]
     assert sorted(messages) == sorted([*(f"parent {i}" for i in range(40)),
                                        *(f"child {i}" for i in range(20, 40))])
+
+
+def test_flush_sends_what_is_buffered_now_and_waits_for_it(gunicorn, logger):
+    server = gunicorn()
+    handler = AggregatorHandler(server.url, topic="t", linger=60)
+    logger.addHandler(handler)
+    for i in range(7):
+        logger.info("flushed %d", i)
+    assert handler.flush() is True and handler.sent == 7  # not after the 60 s linger
+    assert len(every_event(server.url)) == 7
+    unreachable = AggregatorHandler(f"http://127.0.0.1:{free_port()}", topic="t")
+    logger.addHandler(unreachable)
+    logger.info("nowhere to go")
+    assert unreachable.flush(timeout=0.5) is False
+
+
+def test_a_program_that_exits_with_nothing_listening_waits_once_not_twice():
+    """logging.shutdown() calls flush() then close(): after a flush that waited its
+    close_timeout in vain, close() gives up at once."""
+    program = ("import logging\n"
+               "from publisher import AggregatorHandler\n"
+               f"handler = AggregatorHandler('http://127.0.0.1:{free_port()}', topic='t', "
+               "close_timeout=3)\n"
+               "logging.getLogger().addHandler(handler)\n"
+               "logging.warning('lost')\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert 3 <= time.monotonic() - started < 5.5  # 3 s, not 6
