@@ -142,8 +142,11 @@ def build_spec(version: str, max_payload: int) -> dict:
         spec.components.schema(name, schema=schema)
     spec.path("/publish", operations=_publish())
     spec.path("/events", operations=_events())
-    spec.path("/stats", operations=_simple("Counters (exact, from the database)", "Stats",
-                                           guarded=True))
+    spec.path("/stats", operations=_get(
+        "Counters (exact, from the database)",
+        {"200": _ok("Stats", "Counters (exact, from the database)"),
+         "400": _error("topics is not a whole number of 0 or more")},
+        guarded=True, parameters=[{"in": "query", "schema": schemas.StatsQuerySchema}]))
     spec.path("/health", operations=_simple(
         "Database answers and writers alive", "Health", failing="Not healthy"))
     spec.path("/health/live", operations=_simple("The process serves requests", "Health"))

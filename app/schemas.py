@@ -226,9 +226,22 @@ class StatsSchema(Schema):
         metadata={"description": "when each topic's newest event was stored (its commit, "
                                  "UTC to the millisecond); null for a topic not written "
                                  "since the aggregator could tell"})
+    topics_in_all = fields.Integer(required=True, metadata={
+        "description": "topics with events stored, listed in topics or not (see ?topics=)"})
     uptime = fields.Float(required=True, metadata={"description": "seconds"})
     started_at = fields.String(required=True, metadata={"format": "date-time"})
     queue_depth = fields.Integer(required=True, metadata={"description": "this worker's"})
+
+
+class StatsQuerySchema(Schema):
+    """The query string of GET /stats."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    topics = fields.Integer(validate=validate.Range(min=0), metadata={
+        "description": "list only this many topics, the largest (by count, then name), in "
+                       "topics and topics_last_stored_at; all when absent"})
 
 
 class HealthSchema(Schema):

@@ -32,12 +32,13 @@ from .errors import APIError
 from .ingest import Ingestor
 from .logs import utc_text
 from .metrics import CONTENT_TYPE
-from .schemas import EventsQuerySchema, encode_cursor
+from .schemas import EventsQuerySchema, StatsQuerySchema, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
 from .store.base import utf8_length
 
 bp = Blueprint("api", __name__)
 _events_query = EventsQuerySchema()
+_stats_query = StatsQuerySchema()
 # How long a search waits for a slot (see _search_slot): a search takes about
 # AGGREGATOR_SEARCH_TIME (0.25 s) at most, so a few turns.
 SEARCH_WAIT_S = 1.0
@@ -196,13 +197,18 @@ def _fetch_page(args: dict) -> _Page:
 def stats() -> Response:
     """Return the persisted counters and this process's queue depth."""
     require_read(_config())
-    counters = _store().counters()
+    try:
+        args = _stats_query.load(request.args)
+    except ValidationError as exc:
+        raise APIError(400, "bad_query", "Invalid query parameter(s): topics.",
+                       errors=exc.messages) from None
+    counters = _store().counters(largest=args.get("topics"))
     started = current_app.extensions["started_at"]
     return jsonify({
         "received": counters.received, "unique_processed": counters.unique_processed,
         "duplicate_dropped": counters.duplicate_dropped, "rejected": counters.rejected,
         "expired": counters.expired, "topics": counters.topics,
-        "topics_last_stored_at": counters.last_stored,
+        "topics_last_stored_at": counters.last_stored, "topics_in_all": counters.topics_in_all,
         "uptime": round(time.time() - started, 3),
         "started_at": utc_text(started, "seconds"),
         "queue_depth": _ingestor().depth,

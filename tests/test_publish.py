@@ -304,6 +304,21 @@ def test_stats_are_exact_after_a_mix_of_batches(client, db):
     assert stats["queue_depth"] == 0 and stats["uptime"] >= 0 and stats["started_at"]
 
 
+def test_stats_can_list_only_the_largest_topics_and_always_count_them_all(client):
+    publish(client, [event(f"{topic}{i}", topic=topic)
+                     for topic, count in (("a", 1), ("b", 3), ("c", 2), ("d", 2))
+                     for i in range(count)])
+    whole = client.get("/stats").json
+    assert whole["topics"] == {"a": 1, "b": 3, "c": 2, "d": 2} and whole["topics_in_all"] == 4
+    for asked, topics in ((2, {"b": 3, "c": 2}), (0, {}), (9, whole["topics"])):
+        stats = client.get(f"/stats?topics={asked}").json
+        assert stats["topics"] == topics and set(stats["topics_last_stored_at"]) == set(topics)
+        assert stats["topics_in_all"] == 4 and stats["unique_processed"] == 8
+    for bad in ("-1", "two", "1.5"):
+        answer = client.get(f"/stats?topics={bad}")
+        assert answer.status_code == 400 and list(answer.json["errors"]) == ["topics"]
+
+
 def test_stats_say_when_each_topic_last_had_an_event_stored(client):
     """A topic's time moves with each commit that stores one of its events, and not with
     duplicates or refused events: how long it has been silent, to alert on."""
