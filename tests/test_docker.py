@@ -118,8 +118,11 @@ def compose_project(*profile: str, **variables: str):
         pytest.skip("no Docker engine (../shared/docker-standin.sh starts one)")
     project = f"aggtest{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {**os.environ, "AGGREGATOR_PORT": str(port), "AGGREGATOR_HOST_IP": "127.0.0.1",
-           **variables}
+    # Not a developer's own choice of files or profiles (a compose.override.yaml, say,
+    # which `docker compose` reads unasked): the project's compose.yaml and .env.
+    env = {**{k: v for k, v in os.environ.items() if k not in ("COMPOSE_FILE",
+                                                                "COMPOSE_PROFILES")},
+           "AGGREGATOR_PORT": str(port), "AGGREGATOR_HOST_IP": "127.0.0.1", **variables}
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "compose", "-p", project, *profile, *args], cwd=ROOT,
@@ -136,14 +139,15 @@ def compose_project(*profile: str, **variables: str):
 @pytest.fixture
 def compose():
     """The default profile: one aggregator on SQLite and its publisher."""
-    yield from compose_project()
+    yield from compose_project("-f", "compose.yaml")
 
 
 @pytest.fixture
 def cluster():
     """The cluster profile: PostgreSQL, three replicas, nginx, and the cluster's publisher,
     with a database password that a URL could not hold unencoded."""
-    yield from compose_project("--profile", "cluster", POSTGRES_PASSWORD=CLUSTER_PASSWORD)
+    yield from compose_project("-f", "compose.yaml", "--profile", "cluster",
+                               POSTGRES_PASSWORD=CLUSTER_PASSWORD)
 
 
 def inspect_container(compose, service: str) -> dict:
