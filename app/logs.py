@@ -14,7 +14,8 @@ from flask import Flask, Response, current_app, g, has_request_context, request
 
 access_log = logging.getLogger("aggregator.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "events", "remote_addr")
+_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "bytes", "events",
+           "remote_addr")
 
 
 def utc_text(seconds: float, timespec: str = "milliseconds") -> str:
@@ -80,6 +81,8 @@ def _finish(response: Response) -> Response:
     access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
         "request_id": g.get("request_id"), "method": request.method, "path": request.path,
         "status": response.status_code, "duration_ms": round(duration * 1000, 2),
+        # The answer's body as sent (gzipped, if it was: app/compression.py runs first).
+        "bytes": response.content_length,
         "events": g.get("events"), "remote_addr": request.remote_addr})
     return response
 

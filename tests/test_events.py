@@ -526,6 +526,9 @@ def test_a_gzipped_page_through_gunicorn_is_whole_and_7_times_smaller(gunicorn):
     assert len(raw) == int(packed.headers["Content-Length"]) < len(identity.content) / 7
     assert gzip.decompress(raw) == identity.content
     assert len(json.loads(identity.content)["events"]) == 1000
+    server.terminate()
+    pages = [r["bytes"] for r in server.log_records() if r.get("path") == "/events"]
+    assert pages == [len(identity.content), len(raw)]  # the access lines: as sent
 
 
 def test_since_and_until_take_times_relative_to_now(client):

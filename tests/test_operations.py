@@ -254,7 +254,7 @@ def test_one_json_log_line_per_request_with_the_given_request_id(gunicorn, tmp_p
     assert len(access) == 1
     assert access[0]["request_id"] == "req-42" and access[0]["status"] == 200
     assert access[0]["method"] == "POST" and access[0]["events"] == 1
-    assert access[0]["duration_ms"] >= 0
+    assert access[0]["duration_ms"] >= 0 and access[0]["bytes"] == len(response.content)
     assert any(r.get("request_id") == generated and r.get("path") == "/stats" for r in records)
     text = server.log_path.read_text()
     assert "tok-secret-123" not in text and "4111-SECRET-PAYLOAD" not in text
