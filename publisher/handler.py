@@ -67,6 +67,7 @@ class AggregatorHandler(logging.Handler):
         os.register_at_fork(after_in_child=lambda: (handler := ref()) and handler._start())
 
     def _start(self) -> None:
+        """Make the sending side afresh: the counts, the client, the queue and its thread."""
         self.sent = self.rejected = self.dropped = 0
         self._unsent = 0  # records queued or in the batch being sent
         self._stalled = False  # a flush() timed out, and nothing was acknowledged since
