@@ -106,8 +106,9 @@ class AggregatorHandler(logging.Handler):
         if record.stack_info:
             payload["stack"] = record.stack_info
         extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
-        if extra:  # JSON as far as it goes, the text of anything else
-            payload["extra"] = json.loads(json.dumps(extra, default=str))
+        if extra:  # JSON as far as it goes, the text of anything else (NaN: "NaN", not a
+            # token that makes the aggregator refuse the whole batch as malformed JSON)
+            payload["extra"] = json.loads(json.dumps(extra, default=str), parse_constant=str)
         return {"topic": self.topic, "event_id": next(self._ids),
                 "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
                     timespec="microseconds").replace("+00:00", "Z"),
