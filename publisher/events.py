@@ -7,6 +7,7 @@ import json
 import os
 import random
 import select
+import sys
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -149,7 +150,12 @@ def file_batches(stream: IO[bytes], batch_size: int,
             if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
-            bad_line(number, line, f"not a JSON event object ({exc})")
+            # Python's guard on long integers tells a programmer to call
+            # sys.set_int_max_str_digits(); the aggregator would refuse the line as well.
+            why = (str(exc) if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
+                   or "digits" not in str(exc)
+                   else f"an integer of more than {sys.get_int_max_str_digits()} digits")
+            bad_line(number, line, f"not a JSON event object ({why})")
             return None
         if not raw:
             due = time.monotonic() + linger

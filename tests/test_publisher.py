@@ -328,6 +328,18 @@ def test_file_batches_send_no_byte_order_mark(tmp_path):
     assert [b.body for b in batches] == [b'{"n": 1}\n{"n": 2}']
 
 
+def test_a_line_with_an_integer_python_will_not_parse_is_refused_saying_so(tmp_path):
+    source = tmp_path / "huge.ndjson"
+    source.write_bytes(b'{"n": 1}\n{"n": ' + b"9" * 5000 + b'}\n{"n": 3}\n')
+    refused = []
+    with source.open("rb") as stream:
+        batches = [b for b in file_batches(stream, 10, lambda *bad: refused.append(bad))
+                   if b is not None]
+    assert [b.body for b in batches] == [b'{"n": 1}\n{"n": 3}']
+    assert [(number, reason) for number, _, reason in refused] == [
+        (2, "not a JSON event object (an integer of more than 4300 digits)")]
+
+
 def test_a_line_too_large_for_the_aggregator_is_refused_alone(gunicorn, tmp_path, db):
     """Its batch gets a 413 and is sent again in halves: the lines beside it are stored,
     and it alone is a rejected line (before, the whole batch failed)."""
