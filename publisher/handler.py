@@ -30,6 +30,9 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FORMATTER = logging.Formatter()
 _CLOSE, _FLUSH = object(), object()  # in the queue: stop once what is before is sent; send now
+# A message, traceback or stack longer than this is cut: the aggregator refuses a payload
+# over AGGREGATOR_MAX_PAYLOAD (64 KiB by default), which would lose the whole record.
+MAX_TEXT = 16 * 1024
 
 
 class AggregatorHandler(logging.Handler):
@@ -98,13 +101,13 @@ class AggregatorHandler(logging.Handler):
 
     def _event(self, record: logging.LogRecord) -> dict:
         payload = {"level": record.levelname, "logger": record.name,
-                   "message": record.getMessage(), "module": record.module,
+                   "message": _cut(record.getMessage()), "module": record.module,
                    "function": record.funcName, "line": record.lineno,
                    "process": record.process, "thread": record.threadName}
         if record.exc_info:
-            payload["exception"] = _FORMATTER.formatException(record.exc_info)
+            payload["exception"] = _cut(_FORMATTER.formatException(record.exc_info))
         if record.stack_info:
-            payload["stack"] = record.stack_info
+            payload["stack"] = _cut(record.stack_info)
         extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
         if extra:  # JSON as far as it goes, the text of anything else (NaN: "NaN", not a
             # token that makes the aggregator refuse the whole batch as malformed JSON)
@@ -188,3 +191,10 @@ class AggregatorHandler(logging.Handler):
             self._sender.join(1.0)
         self._publisher.close()
         super().close()
+
+
+def _cut(text: str) -> str:
+    """Return text, or its first MAX_TEXT characters and how many more there were."""
+    if len(text) <= MAX_TEXT:
+        return text
+    return f"{text[:MAX_TEXT]}… [{len(text) - MAX_TEXT} more characters]"

@@ -39,17 +39,19 @@ def test_records_arrive_in_order_as_events_with_their_fields(gunicorn, logger):
     for i in range(250):
         logger.info("charged %s cents", i, extra={"order": f"o-{i}", "at": datetime(2025, 1, 1)})
     logger.info("odd numbers", extra={"ratio": float("nan"), "limit": float("-inf")})
+    logger.info("x" * 100_000)  # over the aggregator's 64 KiB: cut, not refused
     try:
         raise ZeroDivisionError("no refunds")
     except ZeroDivisionError:
         logger.exception("refund failed")
     started = time.monotonic()
-    handler.close()  # sends the last 52 at once, not after the linger
+    handler.close()  # sends the last 53 at once, not after the linger
     assert time.monotonic() - started < 10
     events = every_event(server.url)
-    assert (handler.sent, handler.rejected, handler.dropped) == (252, 0, 0)
+    assert (handler.sent, handler.rejected, handler.dropped) == (253, 0, 0)
+    long = "x" * 16384 + "… [83616 more characters]"
     assert [e["payload"]["message"] for e in events] == [
-        *(f"charged {i} cents" for i in range(250)), "odd numbers", "refund failed"]
+        *(f"charged {i} cents" for i in range(250)), "odd numbers", long, "refund failed"]
     assert events[250]["payload"]["extra"] == {"ratio": "NaN", "limit": "-Infinity"}
     first = events[0]
     assert (first["topic"], first["source"]) == ("billing", "host-1")
@@ -60,7 +62,7 @@ def test_records_arrive_in_order_as_events_with_their_fields(gunicorn, logger):
     assert before <= datetime.fromisoformat(first["timestamp"]) <= datetime.now(UTC)
     last = events[-1]["payload"]
     assert last["level"] == "ERROR" and "ZeroDivisionError" in last["exception"]
-    assert len({e["event_id"] for e in events}) == 252
+    assert len({e["event_id"] for e in events}) == 253
 
 
 def test_records_logged_during_an_outage_arrive_once_it_is_over(gunicorn, logger):
