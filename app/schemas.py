@@ -276,8 +276,8 @@ class Cursor(fields.Field):
 
 
 # A time relative to the request's, as Grafana writes them: now, now-15m, now-1.5h, now-7d.
-RELATIVE_PATTERN = r"^now(-[0-9]+(\.[0-9]+)?[smhd])?$"
-_RELATIVE = re.compile(r"now(?:-(\d+(?:\.\d+)?)([smhd]))?")
+RELATIVE_PATTERN = r"^now(?:-([0-9]+(?:\.[0-9]+)?)([smhd]))?$"  # also OpenAPI's
+_RELATIVE = re.compile(RELATIVE_PATTERN)
 
 
 class QueryTimestamp(fields.Field):
