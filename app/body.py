@@ -110,18 +110,15 @@ def _loads(text: str, where: str = "") -> object:
         text = text[1:]
     try:
         return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
+        if type(exc) is ValueError and "digits" in str(exc):
+            # Python's guard against quadratic int parsing; its message tells a programmer
+            # to call sys.set_int_max_str_digits(), which a client cannot.
+            raise APIError(400, "malformed_json",
+                           f"An integer{where} has more than {sys.get_int_max_str_digits()} "
+                           "digits, the most this server parses.") from None
         raise APIError(400, "malformed_json",
                        f"The body is not valid JSON{where}: {exc}.") from None
-    except ValueError as exc:
-        if "digits" not in str(exc):  # NaN, Infinity
-            raise APIError(400, "malformed_json",
-                           f"The body is not valid JSON{where}: {exc}.") from None
-        # Python's guard against quadratic int parsing; its message tells a programmer to
-        # call sys.set_int_max_str_digits(), which a client cannot.
-        raise APIError(400, "malformed_json",
-                       f"An integer{where} has more than {sys.get_int_max_str_digits()} "
-                       "digits, the most this server parses.") from None
     except RecursionError:
         raise APIError(400, "malformed_json", f"The JSON{where} is nested too deeply.") from None
 

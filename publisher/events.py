@@ -152,9 +152,8 @@ def file_batches(stream: IO[bytes], batch_size: int,
         except (ValueError, UnicodeDecodeError) as exc:
             # Python's guard on long integers tells a programmer to call
             # sys.set_int_max_str_digits(); the aggregator would refuse the line as well.
-            why = (str(exc) if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
-                   or "digits" not in str(exc)
-                   else f"an integer of more than {sys.get_int_max_str_digits()} digits")
+            why = (f"an integer of more than {sys.get_int_max_str_digits()} digits"
+                   if type(exc) is ValueError and "digits" in str(exc) else exc)
             bad_line(number, line, f"not a JSON event object ({why})")
             return None
         if not raw:
