@@ -24,6 +24,7 @@ import weakref
 from datetime import UTC, datetime
 
 from .client import Publisher, PublishError
+from .events import Batch
 
 # What every LogRecord has: the rest of its attributes came as extra={...}.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -139,25 +140,25 @@ class AggregatorHandler(logging.Handler):
             if self._given_up.is_set():
                 self._count(dropped=len(batch))
             else:
-                self._send(batch)
+                self._send(Batch.of_events(batch))
             with self._settled:
                 self._unsent -= len(batch)
                 self._settled.notify_all()
 
-    def _send(self, batch: list[dict]) -> None:
+    def _send(self, batch: Batch) -> None:
         try:
-            result = self._publisher.publish(json.dumps(batch).encode())
+            result = self._publisher.publish(batch.body, batch.content_type)
         except PublishError:  # retried until close() gave up on it
-            self._count(dropped=len(batch))
+            self._count(dropped=batch.size)
             return
-        if result.status == 413 and len(batch) > 1:  # over the aggregator's limits: halves
-            self._send(batch[:len(batch) // 2])
-            self._send(batch[len(batch) // 2:])
+        if result.status == 413 and batch.size > 1:  # over the aggregator's limits: halves
+            for half in batch.halves():
+                self._send(half)
         elif result.acknowledged:
             self._stalled = False
             self._count(sent=result.received, rejected=result.rejected)
         else:  # a refusal that retrying does not mend (401: the token)
-            self._count(rejected=len(batch))
+            self._count(rejected=batch.size)
 
     def _count(self, sent: int = 0, rejected: int = 0, dropped: int = 0) -> None:
         with self._settled:
