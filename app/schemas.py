@@ -182,9 +182,10 @@ class EventsPageSchema(Schema):
     next_cursor = fields.String(required=True, allow_none=True, metadata={
         "description": "after= for the next page; null when no more events match now"})
     end_cursor = fields.String(required=True, allow_none=True, metadata={
-        "description": "past the page's last event (next_cursor when there is one): with "
+        "description": "past the page's last event (next_cursor when there is one; "
+                       "oldest first at the end, past the last event stored): with "
                        "order=asc, after= for only the events that arrive later; null for an "
-                       "empty page asked for without after"})
+                       "empty page asked for without after (oldest first: of an empty store)"})
 
 
 class PublishResultSchema(Schema):

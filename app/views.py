@@ -155,8 +155,9 @@ def _search_slot(query: EventQuery) -> Iterator[None]:
 class _Page(NamedTuple):
     events: list[StoredEvent]
     next_cursor: str | None  # where the next page begins; None: no more events now
-    # Past the page's last event (or, for a page with none, where it was asked from): where
-    # a later request goes on to see only what arrived since. next_cursor when there is one.
+    # Past the page's last event (or, for a page with none, where it was asked from), and
+    # oldest first at the end, past the last event stored: where a later request goes on to
+    # see only what arrived since. next_cursor when there is one.
     end_cursor: str | None
     searched: bool  # a search read its scans (AGGREGATOR_SEARCH_SCAN) before it was full
 
@@ -194,6 +195,8 @@ def _fetch_page(args: dict) -> _Page:
         cursor = encode_cursor(result.searched_to)
         return _Page(rows, cursor, cursor, True)
     end = rows[-1].seq if rows else query.after
+    if result.read_to is not None and (end is None or result.read_to > end):
+        end = result.read_to  # oldest first: past the events that did not match as well
     return _Page(rows, None, None if end is None else encode_cursor(end), False)
 
 

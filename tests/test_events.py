@@ -118,6 +118,30 @@ def test_end_cursor_is_past_the_last_event_of_each_filter_and_order(client):
         "events"] == []
 
 
+def test_oldest_first_at_the_end_end_cursor_is_past_the_last_event_stored(make_app):
+    """A page that read to the end, oldest first, has an end_cursor past every event
+    stored, matched or not: a follower's next poll reads only what arrived since, and a
+    search's does not scan again the events that did not match (scans of 4 here)."""
+    client = make_app(search_scan=4, search_time=60).test_client()
+    client.post("/publish", json=[event(f"e{i}", topic="ab"[i < 3],
+                                        payload={"hit": i == 1}) for i in range(10)])
+    end = client.get("/events").json["end_cursor"]
+    assert decode_cursor(end) == 10
+    for query in ("topic=a", "q=%22hit%22:true", "topic=a&q=%22hit%22:true",
+                  "since=2000-01-01T00:00:00Z&q=%22hit%22:true", "source=nowhere",
+                  "q=nowhere", "event_id=e1"):
+        page = client.get(f"/events?{query}").json
+        while page["next_cursor"] is not None:  # a search's page ends at its scan
+            page = client.get(f"/events?{query}&after={page['next_cursor']}").json
+        assert page["end_cursor"] == end, query
+        assert client.get(f"/events?{query}&after={end}").json["end_cursor"] == end, query
+    # A cursor given past them all stays; newest first, the end is the last event read.
+    ahead = encode_cursor(100)
+    assert client.get(f"/events?after={ahead}").json["end_cursor"] == ahead
+    newest_first = client.get("/events?order=desc&topic=b").json
+    assert decode_cursor(newest_first["end_cursor"]) == 1
+
+
 @pytest.fixture
 def filled(client):
     batch = []

@@ -125,10 +125,16 @@ class EventPage:
     searched_to is set when a search (EventQuery.contains) read its scan of events before
     the page was full: the page goes on after that sequence number, in the order read, and
     a cursor of it resumes the search. None when the page is full or nothing is left.
+
+    read_to is set when a page oldest first read to the end of what is stored: the highest
+    sequence number in its snapshot. Every event committed later has a higher one, so a
+    cursor of it is where a reader goes on for only those, without reading again the
+    events past the page's last one that did not match.
     """
 
     events: list[StoredEvent]
     searched_to: int | None = None
+    read_to: int | None = None
 
 
 class Writer:

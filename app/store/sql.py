@@ -23,6 +23,10 @@ SUB_BITS = 6
 BLOCK_BUDGET = 4
 COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
 _TS_INF = 2**63 - 1
+# The lowest and highest sequence numbers stored, as two subqueries: SQLite reads min() and
+# max() from the rowid's ends one at a time, but min(seq), max(seq) in one query scan a
+# whole index.
+STORED_SEQS = "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM events)"
 _SEQ_MAX = 2**63 - 1
 
 # For a database from before a summary table (or restored without it): the statement that
@@ -173,7 +177,12 @@ def read_page(run: Run, query: EventQuery, contains_sql: str) -> EventPage:
         low = -_TS_INF if query.since is None else query.since
         high = _TS_INF if query.until is None else query.until
         _by_range(run, query, page, low, high)
-    return EventPage(page.events, None if page.full else page.searched_to)
+    if page.full:
+        return EventPage(page.events)
+    if page.searched_to is not None or query.descending:
+        return EventPage(page.events, page.searched_to)
+    first, last = _stored(run)
+    return EventPage(page.events, read_to=last if first <= last else None)
 
 
 def _index_bound(run: Run, query: EventQuery) -> int | None:
@@ -192,10 +201,7 @@ def _index_bound(run: Run, query: EventQuery) -> int | None:
 
 def _stored(run: Run) -> tuple[int, int]:
     """Return the lowest and highest sequence numbers stored ((1, 0) when none is)."""
-    # Two subqueries: SQLite reads min() and max() from the rowid's ends one at a time,
-    # but min(seq), max(seq) in one query scan a whole index.
-    ((first, last),) = list(run(
-        "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM events)", []))
+    ((first, last),) = list(run(STORED_SEQS, []))
     return (1, 0) if first is None else (first, last)
 
 
