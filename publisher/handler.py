@@ -74,6 +74,7 @@ class AggregatorHandler(logging.Handler):
         """Make the sending side afresh: the counts, the client, the queue and its thread."""
         self.sent = self.rejected = self.dropped = 0
         self._unsent = 0  # records queued or in the batch being sent
+        self._abandoned = False  # close() counted what was unsent as dropped: count no more
         self._stalled = False  # a flush() timed out, and nothing was acknowledged since
         self._settled = threading.Condition()  # guards the counts; told when _unsent falls
         self._publisher = Publisher(self._url, token=self._token, retries=None, pool_size=1)
@@ -137,34 +138,32 @@ class AggregatorHandler(logging.Handler):
                     closing = event is _CLOSE
                     break
                 batch.append(event)
-            if self._given_up.is_set():
-                self._count(dropped=len(batch))
-            else:
-                self._send(Batch.of_events(batch))
+            counts = (0, 0, len(batch)) if self._given_up.is_set() else self._send(
+                Batch.of_events(batch))
+            # The batch's counts and its leaving _unsent in one step: close(), giving up on
+            # a batch still under way, counts what is unsent then, each record once.
             with self._settled:
+                if not self._abandoned:
+                    sent, rejected, dropped = counts
+                    self.sent += sent
+                    self.rejected += rejected
+                    self.dropped += dropped
                 self._unsent -= len(batch)
                 self._settled.notify_all()
 
-    def _send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch) -> tuple[int, int, int]:
+        """Send batch; return how many of its records were sent, rejected and dropped."""
         try:
             result = self._publisher.publish(batch.body, batch.content_type)
         except PublishError:  # retried until close() gave up on it
-            self._count(dropped=batch.size)
-            return
+            return 0, 0, batch.size
         if result.status == 413 and batch.size > 1:  # over the aggregator's limits: halves
-            for half in batch.halves():
-                self._send(half)
-        elif result.acknowledged:
+            first, second = batch.halves()
+            return tuple(a + b for a, b in zip(self._send(first), self._send(second), strict=True))
+        if result.acknowledged:
             self._stalled = False
-            self._count(sent=result.received, rejected=result.rejected)
-        else:  # a refusal that retrying does not mend (401: the token)
-            self._count(rejected=batch.size)
-
-    def _count(self, sent: int = 0, rejected: int = 0, dropped: int = 0) -> None:
-        with self._settled:
-            self.sent += sent
-            self.rejected += rejected
-            self.dropped += dropped
+            return result.received, result.rejected, 0
+        return 0, batch.size, 0  # a refusal that retrying does not mend (401: the token)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send what is buffered now, without waiting for the linger, and wait up to timeout
@@ -190,6 +189,10 @@ class AggregatorHandler(logging.Handler):
             self._given_up.set()
             self._publisher.stop_retrying()
             self._sender.join(1.0)
+        with self._settled:
+            if self._sender.is_alive():  # a batch still under way: its connection hangs
+                self._abandoned = True
+                self.dropped += self._unsent
         self._publisher.close()
         super().close()
 

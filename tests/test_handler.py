@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +100,27 @@ def test_with_nothing_listening_logging_goes_on_and_close_gives_up(logger):
     assert (handler.sent, handler.rejected, handler.dropped) == (0, 0, 1000)
     logger.error("after close")
     assert handler.dropped == 1001
+
+
+def test_close_counts_a_batch_whose_answer_never_comes_as_dropped_and_only_once(logger):
+    """A server that takes the request and never answers: close() gives up after its
+    timeout and a second more for the batch under way, and counts as dropped all 30
+    records, the 10 of that batch as well, and the batch's end later counts nothing."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        handler = AggregatorHandler(f"http://127.0.0.1:{silent.getsockname()[1]}", topic="t",
+                                    batch_size=10, linger=0.01, close_timeout=0.5)
+        logger.addHandler(handler)
+        for i in range(30):
+            logger.error("unanswered %d", i)
+        taken, _ = silent.accept()  # the first batch's request, read by no one
+        started = time.monotonic()
+        handler.close()
+        assert time.monotonic() - started < 5
+        assert (handler.sent, handler.rejected, handler.dropped) == (0, 0, 30)
+        taken.close()  # now the request fails, after close() counted it
+    handler._sender.join(10)
+    assert not handler._sender.is_alive()
+    assert (handler.sent, handler.rejected, handler.dropped) == (0, 0, 30)
 
 
 def test_a_wrong_token_counts_the_records_rejected_and_a_bad_topic_is_refused(gunicorn,
