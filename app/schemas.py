@@ -311,12 +311,12 @@ class EventsQuerySchema(Schema):
 
     # As in an event: a value no event can hold is refused, not looked for (PostgreSQL's
     # text cannot even be compared with a NUL).
-    topic = Name()
+    topic = Name(metadata={"description": "the events of this topic (exact match)"})
     event_id = Name(metadata={
         "description": "the events of this id: with topic, that one event; without, one "
                        "per topic at most (the same event_id under two topics is two "
                        "events), looked up in each topic"})
-    source = Name()
+    source = Name(metadata={"description": "the events of this source (exact match)"})
     q = Name(metadata={
         "description": "the events whose payload, as returned (compact JSON), holds this "
                        "text; case-sensitive. A search reads AGGREGATOR_SEARCH_SCAN "
@@ -330,8 +330,11 @@ class EventsQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000), metadata={
         "description": "most events in the page; a page of large payloads ends sooner, "
                        "past AGGREGATOR_MAX_PAGE_BYTES (4 MiB) of them, with a next_cursor"})
-    after = Cursor(metadata={"description": "next_cursor of the previous page"})
-    order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]))
+    after = Cursor(metadata={"description": "next_cursor of the previous page, or an "
+                                            "end_cursor: the events past it, in the order"})
+    order = fields.String(load_default="asc", validate=validate.OneOf(["asc", "desc"]),
+                          metadata={"description": "asc: oldest first, by the order they "
+                                                   "were stored in; desc: newest first"})
 
     @pre_load
     def _known_and_once(self, data, **kwargs):
