@@ -138,32 +138,37 @@ class AggregatorHandler(logging.Handler):
                     closing = event is _CLOSE
                     break
                 batch.append(event)
-            counts = (0, 0, len(batch)) if self._given_up.is_set() else self._send(
-                Batch.of_events(batch))
-            # The batch's counts and its leaving _unsent in one step: close(), giving up on
-            # a batch still under way, counts what is unsent then, each record once.
-            with self._settled:
-                if not self._abandoned:
-                    sent, rejected, dropped = counts
-                    self.sent += sent
-                    self.rejected += rejected
-                    self.dropped += dropped
-                self._unsent -= len(batch)
-                self._settled.notify_all()
+            if self._given_up.is_set():
+                self._settle(len(batch), dropped=len(batch))
+            else:
+                self._send(Batch.of_events(batch))
 
-    def _send(self, batch: Batch) -> tuple[int, int, int]:
-        """Send batch; return how many of its records were sent, rejected and dropped."""
+    def _send(self, batch: Batch) -> None:
         try:
             result = self._publisher.publish(batch.body, batch.content_type)
         except PublishError:  # retried until close() gave up on it
-            return 0, 0, batch.size
+            self._settle(batch.size, dropped=batch.size)
+            return
         if result.status == 413 and batch.size > 1:  # over the aggregator's limits: halves
-            first, second = batch.halves()
-            return tuple(a + b for a, b in zip(self._send(first), self._send(second), strict=True))
-        if result.acknowledged:
+            for half in batch.halves():
+                self._send(half)
+        elif result.acknowledged:
             self._stalled = False
-            return result.received, result.rejected, 0
-        return 0, batch.size, 0  # a refusal that retrying does not mend (401: the token)
+            self._settle(batch.size, sent=result.received, rejected=result.rejected)
+        else:  # a refusal that retrying does not mend (401: the token)
+            self._settle(batch.size, rejected=batch.size)
+
+    def _settle(self, size: int, sent: int = 0, rejected: int = 0, dropped: int = 0) -> None:
+        """Count what became of size records, which leave _unsent in the same step: so
+        close(), giving up on a batch still under way, counts what is unsent then as
+        dropped, and each record is counted once."""
+        with self._settled:
+            if not self._abandoned:
+                self.sent += sent
+                self.rejected += rejected
+                self.dropped += dropped
+            self._unsent -= size
+            self._settled.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send what is buffered now, without waiting for the linger, and wait up to timeout
