@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from datetime import UTC, datetime, timedelta
-from html import unescape
+from html import escape, unescape
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -205,6 +205,25 @@ def test_the_last_hour_is_a_link_and_a_view_that_stays_the_last_hour(client):
     html = client.get("/events?since=now-1h", headers=HTML).get_data(as_text=True)
     assert ">recent<" in html and ">old<" not in html
     assert re.search(r'since=now-1h"[^>]* aria-current="true">hour<', html)
+
+
+def test_each_rows_links_filter_on_its_values_whatever_their_characters(client):
+    """A row links its topic, its event alone and its source; values with the characters a
+    query string gives meaning to (& = + # % ? and spaces), and others, arrive whole."""
+    odd = [("a&b=c #1", "id+1%2F?x", "src é/=&"), ("a", "id 1", "src")]
+    client.post("/publish", json=[event(eid, topic=topic, source=source)
+                                  for topic, eid, source in odd])
+    html = client.get("/events?limit=10&q=%7B", headers=HTML).get_data(as_text=True)
+    for topic, eid, source in odd:
+        (row,) = [row.split("</tr>")[0] for row in html.split("<tr")
+                  if f">{escape(eid)}</a>" in row]
+        hrefs = [unescape(h) for h in re.findall(r'<a href="([^"]+)"', row)]
+        assert [parse_qs(urlsplit(h).query) for h in hrefs] == [
+            {"topic": [topic], "limit": ["10"], "q": ["{"]},
+            {"topic": [topic], "event_id": [eid]},
+            {"source": [source], "limit": ["10"], "q": ["{"]}]
+        assert all(h.startswith("/events?") for h in hrefs)
+        assert [e["event_id"] for e in client.get(hrefs[1]).json["events"]] == [eid]
 
 
 def test_long_payloads_are_collapsed(client):
