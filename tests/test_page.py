@@ -226,6 +226,14 @@ def test_each_rows_links_filter_on_its_values_whatever_their_characters(client):
         assert [e["event_id"] for e in client.get(hrefs[1]).json["events"]] == [eid]
 
 
+def test_the_templates_are_compiled_when_the_app_is_made_not_by_its_first_page(make_app):
+    """A new app (as each gunicorn worker makes one) holds its templates compiled; so does
+    the next one made in the same process, from the compiled code the first kept."""
+    for _ in range(2):
+        cache = make_app().jinja_env.cache
+        assert {name for _, name in cache} == {"events.html", "docs.html"}
+
+
 def test_long_payloads_are_collapsed(client):
     client.post("/publish", json=[event("big", payload={"lines": list(range(100))}),
                                   event("small", payload={"k": 1})])
