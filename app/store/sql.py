@@ -23,11 +23,11 @@ SUB_BITS = 6
 BLOCK_BUDGET = 4
 COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
 _TS_INF = 2**63 - 1
+_SEQ_MAX = 2**63 - 1
 # The lowest and highest sequence numbers stored, as two subqueries: SQLite reads min() and
 # max() from the rowid's ends one at a time, but min(seq), max(seq) in one query scan a
 # whole index.
 STORED_SEQS = "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM events)"
-_SEQ_MAX = 2**63 - 1
 
 # For a database from before a summary table (or restored without it): the statement that
 # builds it from the events, run once when the store is opened (see build_missing_summaries).
@@ -161,13 +161,14 @@ def read_page(run: Run, query: EventQuery, contains_sql: str) -> EventPage:
     """
     page = _Page(query, contains_sql)
     ranged = query.since is not None or query.until is not None
+    stored: tuple[int, int] | None = None  # read once, when a search or read_to needs it
     if query.searching and query.scan is not None:
         if query.topic is not None or query.source is not None:
             page.bound = _index_bound(run, query)
         elif ranged:
-            page.budget, page.stored = query.scan, _stored(run)
+            page.budget, page.stored = query.scan, (stored := _stored(run))
         else:
-            page.bound = _seq_bound(query, _stored(run))
+            page.bound = _seq_bound(query, stored := _stored(run))
     if query.event_id is not None or not ranged:
         if page.bound is None:
             _select(run, query, page)
@@ -181,7 +182,7 @@ def read_page(run: Run, query: EventQuery, contains_sql: str) -> EventPage:
         return EventPage(page.events)
     if page.searched_to is not None or query.descending:
         return EventPage(page.events, page.searched_to)
-    first, last = _stored(run)
+    first, last = stored or _stored(run)
     return EventPage(page.events, read_to=last if first <= last else None)
 
 
