@@ -178,6 +178,38 @@ def probe(db_path: Path, bodies_by_run: list[list[bytes]], events: int, unique: 
             "worker_cpu_s": [r["worker_cpu_s"] for r in runs]}
 
 
+def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients: int,
+              stored: int, seed: int) -> dict:
+    """Ingest the same fresh workload into an empty store and into the full one, in turn,
+    pairs times: the full store's rate against an empty store's measured beside it.
+
+    The growth steps run minutes apart on a shared machine, whose speed drifts by more than
+    the store's size changes it (the same code's share at 10 million went from 71% to 110%
+    between runs, with the empty store's probes as far apart): pairs measured side by side
+    take that drift out of the ratio.
+    """
+    empty_rates, full_rates = [], []
+    for n in range(pairs):
+        bodies = make_bodies(make_events(unique, probe_events / unique - 1, seed=seed + n), 500)
+        fresh = db_path.with_name(f"empty-{n}.db")
+        empty = end_to_end(bodies, probe_events, fresh, clients, {})
+        assert empty["stored"] == unique, (empty["stored"], unique)
+        for leftover in fresh.parent.glob(f"{fresh.name}*"):
+            leftover.unlink()
+        full = end_to_end(bodies, probe_events, db_path, clients, {})
+        stored += unique
+        assert full["stored"] == stored, (full["stored"], stored)
+        empty_rates.append(empty["events_per_s"])
+        full_rates.append(full["events_per_s"])
+        print(f"  pair {n + 1}: empty store {empty_rates[-1]:,.0f} ev/s, full store "
+              f"{full_rates[-1]:,.0f} ev/s ({full_rates[-1] / empty_rates[-1]:.0%})", flush=True)
+    return {"empty_runs": [round(r) for r in empty_rates],
+            "full_runs": [round(r) for r in full_rates],
+            "ratios": [round(f / e, 3) for f, e in zip(full_rates, empty_rates, strict=True)],
+            "ratio": median([f / e for f, e in zip(full_rates, empty_rates, strict=True)]),
+            "stored": stored}
+
+
 def plot(sizes: list[int], rates: list[float], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -202,6 +234,9 @@ def main() -> None:
                         help="events sent by each ingest probe (25%% of them re-sends)")
     parser.add_argument("--probes", type=int, default=3, help="ingest probes per size")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="at the final size, probes of an empty and of the full store "
+                             "taken in turn (0: none)")
     # p99 is the nearest rank (bench/common.py): with 50 or 100 requests it is the slowest
     # one, so one request slowed by the shared machine decided it; with 200 it is the
     # second slowest.
@@ -238,6 +273,12 @@ def main() -> None:
             rate = fill(db_path, stored, count, seed)
             stored += count
             print(f"  filled to {stored:,} through the writer at {rate:,.0f} ev/s", flush=True)
+        side_by_side = None
+        if args.pairs:
+            print(f"at {stored:,} events, an empty store and the full one in turn:", flush=True)
+            side_by_side = alternate(db_path, args.pairs, args.probe_events, unique,
+                                     args.clients, stored, seed + 1)
+            stored = side_by_side.pop("stored")
         size = database_bytes(db_path)
         latencies, query_rss = query_latencies(db_path, stored, args.repeat)
     rates = [step["events_per_s"] for step in steps]
@@ -245,6 +286,10 @@ def main() -> None:
     print(f"\nAt {stored:,} events: database {size / 2**30:.2f} GiB, {size / stored:.0f} bytes "
           f"per event; ingest {rates[-1] / rates[0]:.0%} of the empty-store rate "
           f"({rates[-1]:,.0f} vs {rates[0]:,.0f} ev/s)")
+    if side_by_side:
+        print(f"side by side ({args.pairs} pairs): the full store ingests "
+              f"{side_by_side['ratio']:.0%} of an empty store's rate (median of "
+              f"{', '.join(f'{r:.0%}' for r in side_by_side['ratios'])})")
     print(f"{'request':<48} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for name, figures in latencies.items():
         print(f"{name:<48} {figures['p50_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
@@ -258,7 +303,8 @@ def main() -> None:
     args.json.write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps,
         "database_bytes": size, "bytes_per_event": size / stored, "latencies": latencies,
-        "peak_rss_mib": peak, "ratio_full_to_empty": rates[-1] / rates[0]}, indent=2))
+        "peak_rss_mib": peak, "ratio_full_to_empty": rates[-1] / rates[0],
+        "side_by_side": side_by_side}, indent=2))
     plot([step["stored"] for step in steps], rates, args.plot)
     print(f"wrote {args.json} and {args.plot}")
 
