@@ -210,14 +210,22 @@ def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients
             "stored": stored}
 
 
-def plot(sizes: list[int], rates: list[float], path: Path) -> None:
+def plot(sizes: list[int], rates: list[float], path: Path,
+         side_by_side: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s / 1e6 for s in sizes], rates, marker="o")
-    ax.axhline(0.8 * rates[0], linestyle="--", color="grey", label="80% of the empty-store rate")
+    ax.plot([s / 1e6 for s in sizes], rates, marker="o", label="growth steps (median of 3)")
+    if side_by_side:
+        ax.plot([0, sizes[-1] / 1e6], [median(side_by_side["empty_runs"]),
+                                       median(side_by_side["full_runs"])],
+                linestyle="none", marker="s", fillstyle="none", markersize=9,
+                label=f"empty and full stores in turn (medians of {len(side_by_side['ratios'])})")
+    empty = median(side_by_side["empty_runs"]) if side_by_side else rates[0]
+    ax.axhline(0.8 * empty, linestyle="--", color="grey",
+               label="80% of the empty-store rate" + (" measured in turn" if side_by_side else ""))
     ax.set_xlabel("events already stored (millions)")
     ax.set_ylabel("end-to-end ingest (events/s)")
     ax.set_ylim(bottom=0)
@@ -234,7 +242,7 @@ def main() -> None:
                         help="events sent by each ingest probe (25%% of them re-sends)")
     parser.add_argument("--probes", type=int, default=3, help="ingest probes per size")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--pairs", type=int, default=3,
+    parser.add_argument("--pairs", type=int, default=5,
                         help="at the final size, probes of an empty and of the full store "
                              "taken in turn (0: none)")
     # p99 is the nearest rank (bench/common.py): with 50 or 100 requests it is the slowest
@@ -296,16 +304,20 @@ def main() -> None:
               f"{figures['max_ms']:>8.2f}")
     peak = max([s["peak_rss_mib"] for s in steps] + [query_rss])
     print(f"server peak RSS (master + workers) over the whole run: {peak:.0f} MiB")
-    worst = max(figures["p99_ms"] for name, figures in latencies.items() if name != "stats")
-    print(f"slowest /events page p99: {worst:.1f} ms; /stats p50 "
-          f"{latencies['stats']['p50_ms']:.2f} ms")
+    # A search reads payloads for up to AGGREGATOR_SEARCH_TIME (0.25 s) when it finds few
+    # matches, by design (README, GET /events): it is reported, not held to the 50 ms.
+    worst = max((figures["p99_ms"], name) for name, figures in latencies.items()
+                if name != "stats" and not name.startswith("q="))
+    print(f"slowest /events page p99, searches aside: {worst[0]:.1f} ms ({worst[1]}); "
+          f"/stats p50 {latencies['stats']['p50_ms']:.2f} ms, p99 "
+          f"{latencies['stats']['p99_ms']:.2f} ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps,
         "database_bytes": size, "bytes_per_event": size / stored, "latencies": latencies,
         "peak_rss_mib": peak, "ratio_full_to_empty": rates[-1] / rates[0],
         "side_by_side": side_by_side}, indent=2))
-    plot([step["stored"] for step in steps], rates, args.plot)
+    plot([step["stored"] for step in steps], rates, args.plot, side_by_side)
     print(f"wrote {args.json} and {args.plot}")
 
 
