@@ -3,6 +3,7 @@ GUNICORN_CMD_ARGS, and the app's own settings come from the environment (app/con
 
 import atexit
 import ctypes
+import gc
 import logging
 import os
 import shutil
@@ -225,6 +226,13 @@ def post_worker_init(worker):
     its requests in flight, runs worker_exit once, and exits.
     """
     signal.signal(signal.SIGINT, worker.handle_exit)
+    # The app is loaded: move its ~40,000 objects (modules, schemas, templates) out of the
+    # cyclic garbage collector's reach, as Instagram's servers do. They live as long as the
+    # worker, yet each full collection walked them all: 7-14 ms with the GIL held, a few
+    # times a second under ingest, and while the writer held the write lock it stalled
+    # both workers. In process (75,000 events of /publish, then 300 HTML pages): full
+    # collections 157-192 ms in all against 14-18 ms; the page's p99 16-19 against 6-8 ms.
+    gc.freeze()
 
 
 def pre_request(worker, req):
