@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from app.store import Batch, EventQuery, SQLiteStore
-from app.store.sql import BLOCK_BITS, STORED_SEQS, read_page
+from app.store.sql import BLOCK_BITS, BUCKET_BITS, STORED_SEQS, read_page
 
 HOUR = 3600 * 10**6
 EVENTS = 30_000
@@ -306,6 +306,52 @@ def test_sparse_ranges_page_through_the_bucket_map(stream, filters, limit, desce
     query = EventQuery(**filters, limit=limit, descending=descending)
     expected = reference(rows, query)
     assert read_all(store, query) == expected
+
+
+DENSE = 90_000
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def dense(request, tmp_path_factory):
+    """DENSE events 0.1 s apart, 1 in 50 a replay from up to 30 days before: a 71.6-minute
+    bucket of event_buckets holds 42,950 events in order, 671 sub-blocks."""
+    rng = random.Random(13)
+    rows = [(f"t{i % 3}", f"d{i}", ts, f"text-{ts}", "s", "{}", "r")
+            for i in range(DENSE)
+            for ts in [i * 10**5 - rng.randrange(30 * 86_400 * 10**6) if i % 50 == 0
+                       else i * 10**5]]
+    store, _, connect = open_store(request, tmp_path_factory, "dense")
+    writer = store.writer()
+    for start in range(0, DENSE, 5000):
+        writer.write([Batch(rows[start:start + 5000])])
+    writer.close()
+    store.connect = connect
+    yield store, rows
+    store.close()
+
+
+def test_a_range_that_grazes_a_bucket_asks_the_map_a_few_times(dense):
+    """Newest first, an hour that ends a second into a bucket holds none of the bucket's
+    in-order events, yet the map names their sub-blocks, about 480 of them above the
+    blocks the page reads first (replays widen those blocks' bounds to overlap any
+    earlier range). Each ask of the map reads all of the range's rows in it, so the asks
+    take twice as many sub-blocks each time: 4 asks, where asks of 64 each took 8."""
+    store, rows = dense
+    edge = 1 << BUCKET_BITS
+    query = EventQuery(since=edge - HOUR, until=edge + 10**6, limit=10, descending=True)
+    asks = []
+    with contextlib.closing(store.connect()) as conn:
+        sqlite = isinstance(conn, sqlite3.Connection)
+
+        def run(sql, params):
+            if "event_buckets" in sql:
+                asks.append(params[-1])
+            return conn.execute(sql if sqlite else sql.replace("?", "%s"), params)
+
+        page = read_page(run, query, contains_sql(sqlite))
+    assert [event.event_id for event in page.events] == reference(rows, query)[:10]
+    assert asks == [64, 128, 256, 512], asks
+    assert read_all(store, query) == reference(rows, query)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

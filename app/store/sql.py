@@ -21,6 +21,8 @@ SUB_BITS = 6
 # A time-range page reads at most this many overlapping blocks in order before it turns to
 # event_buckets for the rest: dense ranges fill a page within a block or two.
 BLOCK_BUDGET = 4
+# The most sub-blocks a page takes from event_buckets in one statement.
+MAX_SUBS_PER_ASK = 1 << 16
 COLUMNS = "seq, topic, event_id, timestamp, source, payload, received_at"
 _TS_INF = 2**63 - 1
 _SEQ_MAX = 2**63 - 1
@@ -239,10 +241,14 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
     last = blocks[BLOCK_BUDGET - 1]
     after = last << BLOCK_BITS if query.descending else ((last + 1) << BLOCK_BITS) - 1
     sub_bound = "sub <= ?" if query.descending else "sub >= ?"
+    # Each ask reads and sorts every row of the range's buckets past the bound, whatever its
+    # LIMIT, so asks that go on take twice as many sub-blocks as the one before: a page that
+    # passes over thousands of them (the in-order part of a bucket the range only grazes)
+    # asks a dozen times, not a hundred.
+    want = max(64, 2 * page.room)
     while not page.done:
         rest = replace(query, after=after)
         first_sub = (after - 1 if query.descending else after + 1) >> SUB_BITS
-        want = max(64, 2 * page.room)
         subs = [sub for (sub,) in run(
             f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
             f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
@@ -252,6 +258,7 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
             break
         last = subs[-1]
         after = last << SUB_BITS if query.descending else ((last + 1) << SUB_BITS) - 1
+        want = min(2 * want, MAX_SUBS_PER_ASK)
 
 
 def _read_spans(run: Run, query: EventQuery, page: _Page, spans: list[int],
