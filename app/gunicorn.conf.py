@@ -228,10 +228,12 @@ def post_worker_init(worker):
     signal.signal(signal.SIGINT, worker.handle_exit)
     # The app is loaded: move its ~40,000 objects (modules, schemas, templates) out of the
     # cyclic garbage collector's reach, as Instagram's servers do. They live as long as the
-    # worker, yet each full collection walked them all: 7-14 ms with the GIL held, a few
-    # times a second under ingest, and while the writer held the write lock it stalled
-    # both workers. In process (75,000 events of /publish, then 300 HTML pages): full
+    # worker, yet each full collection walked them all: 7-14 ms with the GIL held, about
+    # once a second per worker under ingest, and while its writer held the write lock both
+    # workers waited. In process (75,000 events of /publish, then 300 HTML pages): full
     # collections 157-192 ms in all against 14-18 ms; the page's p99 16-19 against 6-8 ms.
+    # End to end (bench/ingest.py, 5 alternating pairs, medians of 3): faster in each pair,
+    # by 2% to 25% (median 7.5%). See README, Performance.
     gc.freeze()
 
 

@@ -228,7 +228,8 @@ def plot(sizes: list[int], rates: list[float], path: Path,
                label="80% of the empty-store rate" + (" measured in turn" if side_by_side else ""))
     ax.set_xlabel("events already stored (millions)")
     ax.set_ylabel("end-to-end ingest (events/s)")
-    ax.set_ylim(bottom=0)
+    shown = rates + (side_by_side["empty_runs"] + side_by_side["full_runs"] if side_by_side else [])
+    ax.set_ylim(bottom=0, top=1.1 * max(shown))
     ax.legend(loc="lower left")
     save_plot(fig, ax, path, "Ingest as the store grows (batches of 500, 25% duplicates, 2 cores)")
 
