@@ -34,7 +34,8 @@ _OUTSIDE_BLOCKS = (
     f" WHERE b.block IS NULL OR e.ts < b.min_ts OR e.ts > b.max_ts")
 _OUTSIDE_BUCKETS = (
     f"SELECT count(*) FROM events AS e WHERE NOT EXISTS (SELECT 1 FROM event_buckets AS k"
-    f" WHERE k.bucket = e.ts >> {BUCKET_BITS} AND k.sub = e.seq >> {SUB_BITS})")
+    f" WHERE k.bucket = e.ts >> {BUCKET_BITS} AND k.sub = e.seq >> {SUB_BITS}"
+    f" AND (k.min_ts IS NULL OR e.ts BETWEEN k.min_ts AND k.max_ts))")
 
 
 @dataclass

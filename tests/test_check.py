@@ -117,8 +117,10 @@ def test_every_snapshot_passes_while_publishers_write(gunicorn, db):
      ["the time summaries (blocks) cover every event (54 outside)"]),
     ("DELETE FROM event_buckets",
      ["the time summaries (buckets) cover every event (60 outside)"]),
+    ("UPDATE event_buckets SET min_ts = max_ts + 1",
+     ["the time summaries (buckets) cover every event (60 outside)"]),
 ], ids=["event-deleted", "received-bumped", "topic-count-low", "topic-count-gone",
-        "blocks-narrowed", "buckets-gone"])
+        "blocks-narrowed", "buckets-gone", "buckets-narrowed"])
 def test_each_count_broken_behind_its_back_fails_its_check_and_exits_1(gunicorn, db, change,
                                                                         broken):
     server = gunicorn()

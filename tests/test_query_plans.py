@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from app.check import _OUTSIDE_BUCKETS as OUTSIDE_BUCKETS
 from app.store import Batch, EventQuery, SQLiteStore
 from app.store.sql import BLOCK_BITS, BUCKET_BITS, STORED_SEQS, read_page
 
@@ -320,38 +321,70 @@ def dense(request, tmp_path_factory):
             for i in range(DENSE)
             for ts in [i * 10**5 - rng.randrange(30 * 86_400 * 10**6) if i % 50 == 0
                        else i * 10**5]]
-    store, _, connect = open_store(request, tmp_path_factory, "dense")
+    store, reopen, connect = open_store(request, tmp_path_factory, "dense")
     writer = store.writer()
     for start in range(0, DENSE, 5000):
         writer.write([Batch(rows[start:start + 5000])])
     writer.close()
-    store.connect = connect
+    store.reopen, store.connect = reopen, connect
     yield store, rows
     store.close()
 
 
-def test_a_range_that_grazes_a_bucket_asks_the_map_a_few_times(dense):
-    """Newest first, an hour that ends a second into a bucket holds none of the bucket's
-    in-order events, yet the map names their sub-blocks, about 480 of them above the
-    blocks the page reads first (replays widen those blocks' bounds to overlap any
-    earlier range). Each ask of the map reads all of the range's rows in it, so the asks
-    take twice as many sub-blocks each time: 4 asks, where asks of 64 each took 8."""
-    store, rows = dense
+def grazing_page(store, rows) -> tuple[list[int], int]:
+    """Read the first page, newest first, of an hour that ends a second into a bucket;
+    return the sizes of its asks of the map and how many rows its other statements read."""
     edge = 1 << BUCKET_BITS
     query = EventQuery(since=edge - HOUR, until=edge + 10**6, limit=10, descending=True)
-    asks = []
+    asks, read = [], 0
     with contextlib.closing(store.connect()) as conn:
         sqlite = isinstance(conn, sqlite3.Connection)
 
         def run(sql, params):
+            nonlocal read
             if "event_buckets" in sql:
                 asks.append(params[-1])
+            elif "seq BETWEEN" in sql:
+                read += params[-2] - params[-3] + 1
             return conn.execute(sql if sqlite else sql.replace("?", "%s"), params)
 
         page = read_page(run, query, contains_sql(sqlite))
     assert [event.event_id for event in page.events] == reference(rows, query)[:10]
-    assert asks == [64, 128, 256, 512], asks
     assert read_all(store, query) == reference(rows, query)
+    return asks, read
+
+
+def test_a_range_that_grazes_a_bucket_reads_none_of_its_other_sub_blocks(dense):
+    """Newest first, an hour that ends a second into a bucket holds none of the bucket's
+    in-order events, about 480 sub-blocks above the blocks the page reads first (replays
+    widen those blocks' bounds to overlap any earlier range). The map's timestamp bounds
+    leave them out: one ask, and only the sub-blocks with events in the hour are read.
+    The bounds hold every event, those of a sub-block two commits share included."""
+    with contextlib.closing(dense[0].connect()) as conn:
+        assert conn.execute(OUTSIDE_BUCKETS).fetchone() == (0,)
+    asks, read = grazing_page(*dense)
+    assert asks == [64], asks
+    assert read <= 4 * 4096 + 64 * 64, read  # the 4 blocks read first, then 64 sub-blocks
+
+
+def test_a_bucket_map_without_bounds_is_read_in_asks_that_double(dense):
+    """Rows of the map from before its bounds (NULL) may hold any time of their bucket, so
+    the page reads those 480 sub-blocks, asking for twice as many each time (each ask
+    reads all the range's rows of the map): 4 asks, where asks of 64 each took 8."""
+    store, rows = dense
+    with contextlib.closing(store.connect()) as conn:
+        conn.execute("UPDATE event_buckets SET min_ts = NULL, max_ts = NULL")
+        conn.commit()
+    try:
+        asks, read = grazing_page(store, rows)
+        assert asks == [64, 128, 256, 512], asks
+        assert read > 480 * 64, read
+    finally:
+        with contextlib.closing(store.connect()) as conn:
+            conn.execute("DELETE FROM event_buckets")  # built again, bounds included, on open
+            conn.commit()
+        store.reopen().close()
+    assert grazing_page(store, rows)[0] == [64]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -397,6 +430,43 @@ def reopened(request, tmp_path_factory):
 
 def row(topic: str, event_id: str) -> tuple:
     return (topic, event_id, 0, "t", "s", "{}", "r")
+
+
+def test_an_older_database_gets_the_bucket_maps_bounds_on_open(reopened):
+    """A database from before event_buckets' timestamp bounds (dropped here) gets the
+    columns when it is opened: its rows' bounds are unknown (NULL) and stay so, its new
+    rows have them, and every range still reads what a plain filter finds."""
+    store, reopen, connect = reopened
+    day = 86_400 * 10**6
+    # The last 10 share their bucket and sub-block with 10 of the first: rows whose bounds
+    # are unknown, which must stay so (their older events are not within the new ones').
+    rows = [("a", f"o{i}", (i % 30) * day // 7 + i // 30, "t", "s", "{}", "r")
+            for i in range(40)]
+    writer = store.writer()
+    writer.write([Batch(rows[:30])])
+    writer.close()
+    with contextlib.closing(connect()) as conn:
+        for column in ("min_ts", "max_ts"):
+            conn.execute(f"ALTER TABLE event_buckets DROP COLUMN {column}")
+        conn.commit()
+    older = reopen()
+    try:
+        writer = older.writer()
+        writer.write([Batch(rows[30:] + rows[:3])])  # 3 duplicates
+        writer.close()
+        with contextlib.closing(connect()) as conn:
+            bounds = conn.execute("SELECT sub, min_ts, max_ts FROM event_buckets"
+                                  " ORDER BY bucket, sub").fetchall()
+        assert len(bounds) == 30 and all(low is None for _, low, _ in bounds)
+        with contextlib.closing(connect()) as conn:
+            assert conn.execute(OUTSIDE_BUCKETS).fetchone() == (0,)
+        for since in range(0, 7 * day, day // 2):
+            for descending in (False, True):
+                query = EventQuery(since=since, until=since + day, limit=3,
+                                   descending=descending)
+                assert read_all(older, query) == reference(rows, query)
+    finally:
+        older.close()
 
 
 def test_an_older_database_gets_the_topics_last_stored_column_on_open(reopened):

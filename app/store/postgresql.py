@@ -86,9 +86,16 @@ _WIDEN_BLOCKS = (
     " max_ts = greatest(event_blocks.max_ts, excluded.max_ts)"
 )
 _EXPIRE = EXPIRE.replace("?", "%s")
+# A row's bounds widen to take the new events; unknown bounds (NULL) stay unknown, which
+# least() and greatest() would not keep (they skip NULLs).
 _MAP_BUCKETS = (
-    "INSERT INTO event_buckets (bucket, sub) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
-    " ON CONFLICT DO NOTHING"
+    "INSERT INTO event_buckets (bucket, sub, min_ts, max_ts)"
+    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " ON CONFLICT (bucket, sub) DO UPDATE SET"
+    " min_ts = CASE WHEN event_buckets.min_ts IS NOT NULL"
+    " THEN least(event_buckets.min_ts, excluded.min_ts) END,"
+    " max_ts = CASE WHEN event_buckets.max_ts IS NOT NULL"
+    " THEN greatest(event_buckets.max_ts, excluded.max_ts) END"
 )
 
 
@@ -188,8 +195,13 @@ class PostgresWriter(Writer):
                 low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
             cur.execute(_WIDEN_BLOCKS, (list(bounds), [b[0] for b in bounds.values()],
                                         [b[1] for b in bounds.values()]))
-            pairs = sorted({(ts >> BUCKET_BITS, seq >> SUB_BITS) for seq, _, ts in new})
-            cur.execute(_MAP_BUCKETS, ([p[0] for p in pairs], [p[1] for p in pairs]))
+            pairs: dict[tuple[int, int], list[int]] = {}
+            for seq, _, ts in new:
+                low_high = pairs.setdefault((ts >> BUCKET_BITS, seq >> SUB_BITS), [ts, ts])
+                low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
+            keys = sorted(pairs)
+            cur.execute(_MAP_BUCKETS, ([k[0] for k in keys], [k[1] for k in keys],
+                                       [pairs[k][0] for k in keys], [pairs[k][1] for k in keys]))
         return stored
 
     def close(self) -> None:

@@ -42,5 +42,10 @@ CREATE TABLE IF NOT EXISTS event_blocks (
 CREATE TABLE IF NOT EXISTS event_buckets (
     bucket BIGINT NOT NULL,
     sub    BIGINT NOT NULL,
+    min_ts BIGINT,
+    max_ts BIGINT,
     PRIMARY KEY (bucket, sub)
 );
+-- A database from before the bounds (see schema_sqlite.sql): its rows' stay NULL, unknown.
+ALTER TABLE event_buckets ADD COLUMN IF NOT EXISTS min_ts BIGINT;
+ALTER TABLE event_buckets ADD COLUMN IF NOT EXISTS max_ts BIGINT;

@@ -50,8 +50,13 @@ CREATE TABLE IF NOT EXISTS event_blocks (
 -- above, so a narrow time range whose events are few and scattered (replays only) would
 -- make a page read most blocks; this map names the few sub-blocks that can hold them.
 -- About 1 row per 64 in-order events plus 1 per late event, filled from the stored rows.
+-- min_ts, max_ts: the bounds of the timestamps of the pair's events, so that a range that
+-- only grazes a bucket passes over its other sub-blocks unread; NULL (unknown: read the
+-- sub-block) in a row written before the columns were added.
 CREATE TABLE IF NOT EXISTS event_buckets (
     bucket INTEGER NOT NULL,
     sub    INTEGER NOT NULL,
+    min_ts INTEGER,
+    max_ts INTEGER,
     PRIMARY KEY (bucket, sub)
 ) WITHOUT ROWID;

@@ -36,8 +36,9 @@ STORED_SEQS = "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM event
 SUMMARIES = {
     "event_blocks": f"INSERT INTO event_blocks (block, min_ts, max_ts)"
                     f" SELECT seq >> {BLOCK_BITS}, min(ts), max(ts) FROM events GROUP BY 1",
-    "event_buckets": f"INSERT INTO event_buckets (bucket, sub) SELECT DISTINCT"
-                     f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS} FROM events",
+    "event_buckets": f"INSERT INTO event_buckets (bucket, sub, min_ts, max_ts) SELECT"
+                     f" ts >> {BUCKET_BITS}, seq >> {SUB_BITS}, min(ts), max(ts) FROM events"
+                     f" GROUP BY 1, 2",
 }
 
 # Retention (Writer.expire): the oldest events received before a time, but never the
@@ -249,10 +250,13 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
     while not page.done:
         rest = replace(query, after=after)
         first_sub = (after - 1 if query.descending else after + 1) >> SUB_BITS
+        # Only the sub-blocks whose events of those buckets can lie in the range (bounds
+        # unknown: maybe).
         subs = [sub for (sub,) in run(
             f"SELECT DISTINCT sub FROM event_buckets WHERE bucket BETWEEN ? AND ?"
-            f" AND {sub_bound} ORDER BY sub {order} LIMIT ?",
-            [low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, want])]
+            f" AND {sub_bound} AND (min_ts IS NULL OR min_ts < ? AND max_ts >= ?)"
+            f" ORDER BY sub {order} LIMIT ?",
+            [low >> BUCKET_BITS, (high - 1) >> BUCKET_BITS, first_sub, high, low, want])]
         _read_spans(run, rest, page, subs, SUB_BITS)
         if len(subs) < want:
             break

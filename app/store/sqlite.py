@@ -77,9 +77,13 @@ _WIDEN_BLOCK = (
     "INSERT INTO event_blocks (block, min_ts, max_ts) VALUES (?, ?, ?) ON CONFLICT (block)"
     " DO UPDATE SET min_ts = min(min_ts, excluded.min_ts), max_ts = max(max_ts, excluded.max_ts)"
 )
+# A row's bounds widen to take the new events; unknown bounds (NULL) stay unknown, as
+# SQLite's min() and max() of a NULL are NULL.
 _MAP_BUCKETS = (
-    f"INSERT OR IGNORE INTO event_buckets (bucket, sub) SELECT DISTINCT ts >> {BUCKET_BITS},"
-    f" seq >> {SUB_BITS} FROM events WHERE seq > ?"
+    f"INSERT INTO event_buckets (bucket, sub, min_ts, max_ts) SELECT ts >> {BUCKET_BITS},"
+    f" seq >> {SUB_BITS}, min(ts), max(ts) FROM events WHERE seq > ? GROUP BY 1, 2"
+    " ON CONFLICT (bucket, sub) DO UPDATE SET min_ts = min(min_ts, excluded.min_ts),"
+    " max_ts = max(max_ts, excluded.max_ts)"
 )
 
 
@@ -100,6 +104,10 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(topic_counts)")}
     if "last_stored_at" not in columns:
         conn.execute("ALTER TABLE topic_counts ADD COLUMN last_stored_at TEXT")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(event_buckets)")}
+    for column in ("min_ts", "max_ts"):
+        if column not in columns:
+            conn.execute(f"ALTER TABLE event_buckets ADD COLUMN {column} INTEGER")
 
 
 def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
