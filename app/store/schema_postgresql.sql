@@ -46,6 +46,6 @@ CREATE TABLE IF NOT EXISTS event_buckets (
     max_ts BIGINT,
     PRIMARY KEY (bucket, sub)
 );
--- A database from before the bounds (see schema_sqlite.sql): its rows' stay NULL, unknown.
+-- A database from before the bounds (see schema_sqlite.sql): its rows' bounds stay NULL.
 ALTER TABLE event_buckets ADD COLUMN IF NOT EXISTS min_ts BIGINT;
 ALTER TABLE event_buckets ADD COLUMN IF NOT EXISTS max_ts BIGINT;

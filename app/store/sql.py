@@ -244,8 +244,8 @@ def _by_range(run: Run, query: EventQuery, page: _Page, low: int, high: int) -> 
     sub_bound = "sub <= ?" if query.descending else "sub >= ?"
     # Each ask reads and sorts every row of the range's buckets past the bound, whatever its
     # LIMIT, so asks that go on take twice as many sub-blocks as the one before: a page that
-    # passes over thousands of them (the in-order part of a bucket the range only grazes)
-    # asks a dozen times, not a hundred.
+    # passes over thousands of them (rows from before the map kept bounds, of a bucket the
+    # range only grazes) asks a dozen times, not a hundred.
     want = max(64, 2 * page.room)
     while not page.done:
         rest = replace(query, after=after)
