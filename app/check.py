@@ -32,7 +32,7 @@ _OUTSIDE_BLOCKS = (
     f"SELECT count(*) FROM events AS e LEFT JOIN event_blocks AS b"
     f" ON b.block = e.seq >> {BLOCK_BITS}"
     f" WHERE b.block IS NULL OR e.ts < b.min_ts OR e.ts > b.max_ts")
-_OUTSIDE_BUCKETS = (
+OUTSIDE_BUCKETS = (
     f"SELECT count(*) FROM events AS e WHERE NOT EXISTS (SELECT 1 FROM event_buckets AS k"
     f" WHERE k.bucket = e.ts >> {BUCKET_BITS} AND k.sub = e.seq >> {SUB_BITS}"
     f" AND (k.min_ts IS NULL OR e.ts BETWEEN k.min_ts AND k.max_ts))")
@@ -85,7 +85,7 @@ def check(conn, report: Report) -> None:
         wrong = uncounted + one(_TOPICS_OVER)
         report.say("no topic stores more events than it counted"
                    + (f" ({wrong:,} topics do)" if wrong else ""), wrong == 0)
-    for what, sql in (("blocks", _OUTSIDE_BLOCKS), ("buckets", _OUTSIDE_BUCKETS)):
+    for what, sql in (("blocks", _OUTSIDE_BLOCKS), ("buckets", OUTSIDE_BUCKETS)):
         outside = one(sql)
         report.say(f"the time summaries ({what}) cover every event"
                    + (f" ({outside:,} outside)" if outside else ""), outside == 0)

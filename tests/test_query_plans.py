@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from app.check import _OUTSIDE_BUCKETS as OUTSIDE_BUCKETS
+from app.check import OUTSIDE_BUCKETS
 from app.store import Batch, EventQuery, SQLiteStore
 from app.store.sql import BLOCK_BITS, BUCKET_BITS, STORED_SEQS, read_page
 
@@ -441,7 +441,7 @@ def test_an_older_database_gets_the_bucket_maps_bounds_on_open(reopened):
     # The last 10 share their bucket and sub-block with 10 of the first: rows whose bounds
     # are unknown, which must stay so (their older events are not within the new ones').
     rows = [("a", f"o{i}", (i % 30) * day // 7 + i // 30, "t", "s", "{}", "r")
-            for i in range(40)]
+            for i in range(40)] + [("a", "late", 8 * day, "t", "s", "{}", "r")]  # a new pair
     writer = store.writer()
     writer.write([Batch(rows[:30])])
     writer.close()
@@ -457,7 +457,8 @@ def test_an_older_database_gets_the_bucket_maps_bounds_on_open(reopened):
         with contextlib.closing(connect()) as conn:
             bounds = conn.execute("SELECT sub, min_ts, max_ts FROM event_buckets"
                                   " ORDER BY bucket, sub").fetchall()
-        assert len(bounds) == 30 and all(low is None for _, low, _ in bounds)
+        assert sum(low is None for _, low, _ in bounds) == 30
+        assert [b for b in bounds if b[1] is not None] == [(0, 8 * day, 8 * day)]
         with contextlib.closing(connect()) as conn:
             assert conn.execute(OUTSIDE_BUCKETS).fetchone() == (0,)
         for since in range(0, 7 * day, day // 2):
