@@ -218,12 +218,11 @@ def plot(sizes: list[int], rates: list[float], path: Path,
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([s / 1e6 for s in sizes], rates, marker="o", label="growth steps (median of 3)")
+    empty = median(side_by_side["empty_runs"]) if side_by_side else rates[0]
     if side_by_side:
-        ax.plot([0, sizes[-1] / 1e6], [median(side_by_side["empty_runs"]),
-                                       median(side_by_side["full_runs"])],
+        ax.plot([0, sizes[-1] / 1e6], [empty, median(side_by_side["full_runs"])],
                 linestyle="none", marker="s", fillstyle="none", markersize=9,
                 label=f"empty and full stores in turn (medians of {len(side_by_side['ratios'])})")
-    empty = median(side_by_side["empty_runs"]) if side_by_side else rates[0]
     ax.axhline(0.8 * empty, linestyle="--", color="grey",
                label="80% of the empty-store rate" + (" measured in turn" if side_by_side else ""))
     ax.set_xlabel("events already stored (millions)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Hashable, Iterable
 from contextlib import contextmanager
 from importlib import resources
 
@@ -97,6 +98,15 @@ _MAP_BUCKETS = (
     " max_ts = CASE WHEN event_buckets.max_ts IS NOT NULL"
     " THEN greatest(event_buckets.max_ts, excluded.max_ts) END"
 )
+
+
+def _bounds(keyed: Iterable[tuple[Hashable, int]]) -> dict:
+    """Return the lowest and highest timestamp of each key, as [low, high]."""
+    bounds: dict = {}
+    for key, ts in keyed:
+        low_high = bounds.setdefault(key, [ts, ts])
+        low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
+    return bounds
 
 
 def _translate(exc: psycopg.Error) -> StoreError:
@@ -189,16 +199,10 @@ class PostgresWriter(Writer):
             topics = Counter(topic for _, topic, _ in new)
             cur.execute(_ADD_TOPICS, (utc_text(time.time()), list(topics),
                                       list(topics.values())))
-            bounds: dict[int, list[int]] = {}
-            for seq, _, ts in new:
-                low_high = bounds.setdefault(seq >> BLOCK_BITS, [ts, ts])
-                low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
-            cur.execute(_WIDEN_BLOCKS, (list(bounds), [b[0] for b in bounds.values()],
-                                        [b[1] for b in bounds.values()]))
-            pairs: dict[tuple[int, int], list[int]] = {}
-            for seq, _, ts in new:
-                low_high = pairs.setdefault((ts >> BUCKET_BITS, seq >> SUB_BITS), [ts, ts])
-                low_high[0], low_high[1] = min(low_high[0], ts), max(low_high[1], ts)
+            blocks = _bounds((seq >> BLOCK_BITS, ts) for seq, _, ts in new)
+            cur.execute(_WIDEN_BLOCKS, (list(blocks), [b[0] for b in blocks.values()],
+                                        [b[1] for b in blocks.values()]))
+            pairs = _bounds(((ts >> BUCKET_BITS, seq >> SUB_BITS), ts) for seq, _, ts in new)
             keys = sorted(pairs)
             cur.execute(_MAP_BUCKETS, ([k[0] for k in keys], [k[1] for k in keys],
                                        [pairs[k][0] for k in keys], [pairs[k][1] for k in keys]))

@@ -98,16 +98,21 @@ def _insert_rows(count: int) -> str:
     return _INSERT + ", ".join([_ROW] * count)
 
 
+# The columns the schema gained after its tables were first made: (table, column, type).
+_ADDED_COLUMNS = (
+    ("topic_counts", "last_stored_at", "TEXT"),
+    ("event_buckets", "min_ts", "INTEGER"),
+    ("event_buckets", "max_ts", "INTEGER"),
+)
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Add to a database from before them the columns the schema has since gained (inside
     the caller's schema transaction)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(topic_counts)")}
-    if "last_stored_at" not in columns:
-        conn.execute("ALTER TABLE topic_counts ADD COLUMN last_stored_at TEXT")
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(event_buckets)")}
-    for column in ("min_ts", "max_ts"):
+    for table, column, kind in _ADDED_COLUMNS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in columns:
-            conn.execute(f"ALTER TABLE event_buckets ADD COLUMN {column} INTEGER")
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
