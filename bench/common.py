@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,11 +21,27 @@ TOPICS = ["orders", "payments", "auth", "shipping"]
 LEVELS = ["debug", "info", "warning", "error"]
 
 
-def make_events(unique: int, duplicate_rate: float, seed: int = 7) -> list[dict]:
+# How the benches name events: "sequential" ids (evt-<seed>-<n>) share a prefix per workload
+# and sort in the order they were made, as time-ordered ids (ULID, UUIDv7, a counter) do;
+# "uuid" ids are random (UUIDv4), so each new one lands at a random place in the
+# (topic, event_id) index.
+ID_KINDS = ("sequential", "uuid")
+
+
+def event_id(kind: str, seed: int, i: int, rng: random.Random) -> str:
+    """Return the i-th event id of a workload (reproducible from rng's seed)."""
+    if kind == "uuid":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    return f"evt-{seed}-{i:09d}"
+
+
+def make_events(unique: int, duplicate_rate: float, seed: int = 7,
+                ids: str = "sequential") -> list[dict]:
     """Return unique events plus round(unique * rate) re-sends, shuffled."""
     rng = random.Random(seed)
+    id_rng = random.Random(f"events-{seed}")
     events = [{
-        "topic": TOPICS[i % len(TOPICS)], "event_id": f"evt-{seed}-{i:09d}",
+        "topic": TOPICS[i % len(TOPICS)], "event_id": event_id(ids, seed, i, id_rng),
         "timestamp": f"2025-10-18T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
                      f".{i % 1000:03d}Z",
         "source": f"svc-{i % 17}",

@@ -24,9 +24,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from bench.common import (
+    ID_KINDS,
     ROOT,
     PeakRss,
     Server,
+    event_id,
     make_bodies,
     make_events,
     median,
@@ -40,12 +42,13 @@ BASE_TS = 1_760_000_000 * 10**6  # 2025-10-09, microseconds
 TOPICS = ["orders"] * 40 + ["payments"] * 30 + ["auth"] * 20 + ["shipping"] * 9 + ["audit"]
 
 
-def fill(db_path: Path, start: int, count: int, seed: int) -> float:
+def fill(db_path: Path, start: int, count: int, seed: int, ids: str = "sequential") -> float:
     """Store events start..start+count-1 through the aggregator's writer; return events/s."""
     from app.batch import received_now
     from app.store import Batch, SQLiteStore
 
     rng = random.Random(seed)
+    id_rng = random.Random(f"fill-{seed}")  # not the stream of make_events' seeds
     store = SQLiteStore(str(db_path))
     writer = store.writer()
     began = time.perf_counter()
@@ -57,7 +60,9 @@ def fill(db_path: Path, start: int, count: int, seed: int) -> float:
                                          if i % 50 == 0 else rng.randrange(2 * 10**6))
             seconds, micros = divmod(ts, 10**6)
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-            rows.append((rng.choice(TOPICS), f"fill-{i:010d}-{rng.getrandbits(32):08x}", ts, text,
+            name = (f"fill-{i:010d}-{rng.getrandbits(32):08x}" if ids == "sequential"
+                    else event_id(ids, seed, i, id_rng))
+            rows.append((rng.choice(TOPICS), name, ts, text,
                          f"svc-{min(int(rng.expovariate(0.15)), 49)}",
                          f'{{"level":"info","msg":"request {i} handled","user":{i % 9973},'
                          f'"latency_ms":{rng.random() * 250:.3f},"ok":{str(i % 5 != 0).lower()}}}',
@@ -179,7 +184,7 @@ def probe(db_path: Path, bodies_by_run: list[list[bytes]], events: int, unique: 
 
 
 def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients: int,
-              stored: int, seed: int) -> dict:
+              stored: int, seed: int, ids: str = "sequential") -> dict:
     """Ingest the same fresh workload into an empty store and into the full one, in turn,
     pairs times: the full store's rate against an empty store's measured beside it.
 
@@ -190,7 +195,8 @@ def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients
     """
     empty_rates, full_rates = [], []
     for n in range(pairs):
-        bodies = make_bodies(make_events(unique, probe_events / unique - 1, seed=seed + n), 500)
+        bodies = make_bodies(make_events(unique, probe_events / unique - 1, seed=seed + n,
+                                          ids=ids), 500)
         fresh = db_path.with_name(f"empty-{n}.db")
         empty = end_to_end(bodies, probe_events, fresh, clients, {})
         assert empty["stored"] == unique, (empty["stored"], unique)
@@ -242,6 +248,9 @@ def main() -> None:
                         help="events sent by each ingest probe (25%% of them re-sends)")
     parser.add_argument("--probes", type=int, default=3, help="ingest probes per size")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--ids", choices=ID_KINDS, default="sequential",
+                        help="event ids, of the fill and the probes alike: time-ordered (the "
+                             "default) or random UUIDv4s")
     parser.add_argument("--pairs", type=int, default=5,
                         help="at the final size, probes of an empty and of the full store "
                              "taken in turn (0: none)")
@@ -266,7 +275,7 @@ def main() -> None:
             for _ in range(args.probes):
                 seed += 1
                 workloads.append(make_bodies(make_events(unique, args.probe_events / unique - 1,
-                                                         seed=seed), 500))
+                                                         seed=seed, ids=args.ids), 500))
             result = probe(db_path, workloads, args.probe_events, unique, args.clients, stored)
             stored += unique * args.probes
             steps.append({"stored": stored, **result})
@@ -278,14 +287,14 @@ def main() -> None:
             if stored >= args.events:
                 break
             count = min(t for t in targets if t > stored) - stored
-            rate = fill(db_path, stored, count, seed)
+            rate = fill(db_path, stored, count, seed, args.ids)
             stored += count
             print(f"  filled to {stored:,} through the writer at {rate:,.0f} ev/s", flush=True)
         side_by_side = None
         if args.pairs:
             print(f"at {stored:,} events, an empty store and the full one in turn:", flush=True)
             side_by_side = alternate(db_path, args.pairs, args.probe_events, unique,
-                                     args.clients, stored, seed + 1)
+                                     args.clients, stored, seed + 1, args.ids)
             stored = side_by_side.pop("stored")
         size = database_bytes(db_path)
         latencies, query_rss = query_latencies(db_path, stored, args.repeat)

@@ -20,6 +20,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
+    ID_KINDS,
     ROOT,
     PeakRss,
     Poster,
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--duplicate-rate", type=float, default=0.25,
                         help="share of the events sent that are re-sends")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--ids", choices=ID_KINDS, default="sequential",
+                        help="event ids: time-ordered (the default) or random UUIDv4s")
     parser.add_argument("--clients", type=int, default=16,
                         help="client processes, each with one keep-alive connection")
     parser.add_argument("--runs", type=int, default=3)
@@ -168,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     unique = round(args.events * (1 - args.duplicate_rate))
-    events = make_events(unique, args.events / unique - 1)
+    events = make_events(unique, args.events / unique - 1, ids=args.ids)
     bodies = make_bodies(events, args.batch_size)
     # Only the bodies are sent. The events' 170,000 dicts, kept alive, made each of the
     # ceiling's full garbage collections walk them too (about 100 ms each): a load that
@@ -176,7 +179,8 @@ def main() -> None:
     sent = len(events)
     del events
     print(f"{sent} events ({unique} unique) in {len(bodies)} batches of "
-          f"{args.batch_size}; {args.clients} client processes; server env {env or 'defaults'}")
+          f"{args.batch_size}; {args.ids} ids; {args.clients} client processes; "
+          f"server env {env or 'defaults'}")
     runs = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:

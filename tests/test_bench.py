@@ -1,0 +1,48 @@
+"""The benches' workloads: each counts on its events being what it says (so many unique
+keys, so many re-sends), or its assertions on the stored counts fail mid-run."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections import Counter
+
+import pytest
+
+from bench.common import make_events
+from bench.growth import fill
+
+
+@pytest.mark.parametrize("ids", ["sequential", "uuid"])
+def test_a_workload_has_its_unique_events_and_resends(ids):
+    events = make_events(3000, 0.25, seed=11, ids=ids)
+    keys = Counter((e["topic"], e["event_id"]) for e in events)
+    assert len(events) == 3750
+    assert len(keys) == 3000
+    assert sum(keys.values()) - len(keys) == 750
+    # The same seed makes the same workload.
+    assert make_events(3000, 0.25, seed=11, ids=ids) == events
+
+
+def test_uuid_ids_are_random_v4s_and_sequential_ones_keep_their_names():
+    ids = [e["event_id"] for e in make_events(500, 0.0, seed=3, ids="uuid")]
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    # Random: ids made one after the other do not come out in order.
+    assert ids != sorted(ids)
+    sequential = make_events(500, 0.0, seed=3)
+    assert sorted(e["event_id"] for e in sequential)[:2] == ["evt-3-000000000", "evt-3-000000001"]
+    # The other fields do not depend on the kind of id.
+    assert [{**e, "event_id": None} for e in make_events(500, 0.0, seed=3, ids="uuid")] == \
+        [{**e, "event_id": None} for e in sequential]
+
+
+@pytest.mark.parametrize("ids", ["sequential", "uuid"])
+def test_the_growth_fill_shares_no_id_with_the_probes_of_the_same_seed(tmp_path, ids):
+    db = tmp_path / "g.db"
+    fill(db, 0, 2000, 5, ids)
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
+    assert len(stored) == 2000
+    probe = {e["event_id"] for seed in (4, 5, 6)
+             for e in make_events(2000, 0.0, seed=seed, ids=ids)}
+    assert not stored & probe
