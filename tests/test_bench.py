@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections import Counter
+from contextlib import closing
 
 import pytest
 
@@ -24,13 +25,21 @@ def test_a_workload_has_its_unique_events_and_resends(ids):
     assert make_events(3000, 0.25, seed=11, ids=ids) == events
 
 
+def _in_order_made(events: list[dict]) -> list[str]:
+    """The ids of a workload's events in the order they were made (before the shuffle)."""
+    return [e["event_id"] for e in
+            sorted(events, key=lambda e: int(e["payload"]["msg"].split()[1]))]
+
+
 def test_uuid_ids_are_random_v4s_and_sequential_ones_keep_their_names():
-    ids = [e["event_id"] for e in make_events(500, 0.0, seed=3, ids="uuid")]
+    ids = _in_order_made(make_events(500, 0.0, seed=3, ids="uuid"))
     assert all(uuid.UUID(i).version == 4 for i in ids)
-    # Random: ids made one after the other do not come out in order.
+    # Random: ids made one after the other do not sort in that order, as time-ordered do.
     assert ids != sorted(ids)
     sequential = make_events(500, 0.0, seed=3)
-    assert sorted(e["event_id"] for e in sequential)[:2] == ["evt-3-000000000", "evt-3-000000001"]
+    in_order = _in_order_made(sequential)
+    assert in_order == sorted(in_order)
+    assert in_order[:2] == ["evt-3-000000000", "evt-3-000000001"]
     # The other fields do not depend on the kind of id.
     assert [{**e, "event_id": None} for e in make_events(500, 0.0, seed=3, ids="uuid")] == \
         [{**e, "event_id": None} for e in sequential]
@@ -40,7 +49,7 @@ def test_uuid_ids_are_random_v4s_and_sequential_ones_keep_their_names():
 def test_the_growth_fill_shares_no_id_with_the_probes_of_the_same_seed(tmp_path, ids):
     db = tmp_path / "g.db"
     fill(db, 0, 2000, 5, ids)
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
     assert len(stored) == 2000
     probe = {e["event_id"] for seed in (4, 5, 6)
