@@ -60,9 +60,12 @@ def fill(db_path: Path, start: int, count: int, seed: int, ids: str = "sequentia
                                          if i % 50 == 0 else rng.randrange(2 * 10**6))
             seconds, micros = divmod(ts, 10**6)
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-            name = (f"fill-{i:010d}-{rng.getrandbits(32):08x}" if ids == "sequential"
+            # Drawn in this order for either kind of id (the sequential fill's as before),
+            # so that the other fields do not depend on it.
+            topic, tail = rng.choice(TOPICS), rng.getrandbits(32)
+            name = (f"fill-{i:010d}-{tail:08x}" if ids == "sequential"
                     else event_id(ids, seed, i, id_rng))
-            rows.append((rng.choice(TOPICS), name, ts, text,
+            rows.append((topic, name, ts, text,
                          f"svc-{min(int(rng.expovariate(0.15)), 49)}",
                          f'{{"level":"info","msg":"request {i} handled","user":{i % 9973},'
                          f'"latency_ms":{rng.random() * 250:.3f},"ok":{str(i % 5 != 0).lower()}}}',
@@ -183,6 +186,11 @@ def probe(db_path: Path, bodies_by_run: list[list[bytes]], events: int, unique: 
             "worker_cpu_s": [r["worker_cpu_s"] for r in runs]}
 
 
+def workload(unique: int, events: int, seed: int, ids: str) -> list[bytes]:
+    """Return a probe's bodies: events of which unique are new, in batches of 500."""
+    return make_bodies(make_events(unique, events / unique - 1, seed=seed, ids=ids), 500)
+
+
 def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients: int,
               stored: int, seed: int, ids: str = "sequential") -> dict:
     """Ingest the same fresh workload into an empty store and into the full one, in turn,
@@ -195,8 +203,7 @@ def alternate(db_path: Path, pairs: int, probe_events: int, unique: int, clients
     """
     empty_rates, full_rates = [], []
     for n in range(pairs):
-        bodies = make_bodies(make_events(unique, probe_events / unique - 1, seed=seed + n,
-                                          ids=ids), 500)
+        bodies = workload(unique, probe_events, seed + n, ids)
         fresh = db_path.with_name(f"empty-{n}.db")
         empty = end_to_end(bodies, probe_events, fresh, clients, {})
         assert empty["stored"] == unique, (empty["stored"], unique)
@@ -274,8 +281,7 @@ def main() -> None:
             workloads = []
             for _ in range(args.probes):
                 seed += 1
-                workloads.append(make_bodies(make_events(unique, args.probe_events / unique - 1,
-                                                         seed=seed, ids=args.ids), 500))
+                workloads.append(workload(unique, args.probe_events, seed, args.ids))
             result = probe(db_path, workloads, args.probe_events, unique, args.clients, stored)
             stored += unique * args.probes
             steps.append({"stored": stored, **result})

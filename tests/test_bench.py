@@ -55,3 +55,16 @@ def test_the_growth_fill_shares_no_id_with_the_probes_of_the_same_seed(tmp_path,
     probe = {e["event_id"] for seed in (4, 5, 6)
              for e in make_events(2000, 0.0, seed=seed, ids=ids)}
     assert not stored & probe
+
+
+def test_the_growth_fill_differs_only_in_its_ids_by_their_kind(tmp_path):
+    filled = {}
+    for ids in ("sequential", "uuid"):
+        db = tmp_path / f"{ids}.db"
+        fill(db, 0, 500, 5, ids)
+        with closing(sqlite3.connect(db)) as conn:
+            filled[ids] = conn.execute("SELECT topic, event_id, ts, source, payload FROM events"
+                                       " ORDER BY seq").fetchall()
+    assert [row[:1] + row[2:] for row in filled["uuid"]] == \
+        [row[:1] + row[2:] for row in filled["sequential"]]
+    assert {row[1] for row in filled["uuid"]}.isdisjoint(row[1] for row in filled["sequential"])
