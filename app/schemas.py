@@ -17,10 +17,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # JSON's \ud800-style escapes can smuggle lone surrogates in: no UTF-8 encoding exists for them.
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 _FRACTION = re.compile(r"[.,](\d+)")
+# Digits of a second's fraction kept in the stored text: nanoseconds, as Go, Java and
+# OpenTelemetry write them. Ordering and the time filters use microseconds.
+FRACTION_DIGITS = 9
+# A fraction after the hour or the minute (10.5, 10:30.5, 1030.5): ISO 8601 makes it a
+# fraction of that unit (10:30:00, 10:30:30), but datetime.fromisoformat() reads it as a
+# fraction of a second (10:00:00.5), so it is refused rather than stored wrong.
+_PARTIAL_FRACTION = re.compile(r"(?<![\d:])\d\d(?::?\d\d)?[.,]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Already UTC and in the form we store: the text needs no rebuilding.
-_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z")
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?Z")
 # Compact JSON, non-ASCII kept as is; allow_nan=False: 1e400 parses as inf, which has no
 # JSON form to hand back to readers. The C encoder json.dumps would build on every call is
 # built once (a third of the cost of encoding a small payload); no cycle check, since
@@ -50,6 +57,10 @@ def _moment(value: object) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValidationError(
             "Date-time has no UTC offset: add 'Z' or an offset such as '+07:00'.")
+    if _PARTIAL_FRACTION.search(value):
+        raise ValidationError(
+            "Not a valid date-time: a decimal fraction is taken only of the seconds "
+            "(10:30:00.5), not of an hour or a minute (10.5, 10:30.5).")
     return moment
 
 
@@ -69,13 +80,15 @@ def _micros(moment: datetime) -> int:
 def parse_timestamp(value: object) -> tuple[int, str]:
     """Return (microseconds since the epoch, normalised UTC text) of an ISO 8601 date-time.
 
-    Raises ValidationError for a non-string, an impossible time, a naive one, or one
-    whose UTC form falls outside years 1..9999.
+    The text keeps as many digits of the second's fraction as were given, up to
+    FRACTION_DIGITS. Raises ValidationError for a non-string, an impossible time, a naive
+    one, or one whose UTC form falls outside years 1..9999.
     """
     moment = _moment(value)
     if _CANONICAL.fullmatch(value):
         text = value
     else:
+        offset = moment.utcoffset()
         try:
             moment = moment.astimezone(UTC)
         except OverflowError:
@@ -83,7 +96,13 @@ def parse_timestamp(value: object) -> tuple[int, str]:
         text = moment.isoformat()[:19]
         fraction = _FRACTION.search(value)
         if fraction:
-            text += "." + f"{moment.microsecond:06d}"[: min(len(fraction.group(1)), 6)]
+            digits = fraction.group(1)
+            # An offset moves the instant by whole microseconds at most, so the digits
+            # after the sixth are the ones given. An offset with a fraction of its own (not
+            # ISO 8601, but fromisoformat() takes one) keeps microseconds only: when the
+            # time has none, the fraction found is the offset's.
+            beyond = digits[6:FRACTION_DIGITS] if not offset.microseconds else ""
+            text += "." + (f"{moment.microsecond:06d}" + beyond)[:min(len(digits), FRACTION_DIGITS)]
         text += "Z"
     return _micros(moment), text
 

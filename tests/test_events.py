@@ -446,6 +446,7 @@ def test_received_at_is_when_the_request_arrived_not_when_it_was_committed(gunic
 @pytest.mark.parametrize("param,value", [
     ("limit", "0"), ("limit", "1001"), ("limit", "ten"), ("order", "sideways"),
     ("since", "yesterday"), ("until", "2025-10-18T03:00:00"), ("after", "not-a-cursor"),
+    ("since", "2025-10-18T03.5Z"), ("until", "2025-10-18T03:30.5+01:00"),
     ("topic", ""), ("event_id", ""), ("event_id", "x" * 256),
     # No event holds a control character; PostgreSQL cannot even compare text with a NUL.
     ("topic", "a\x00b"), ("source", "\x00"), ("event_id", "a\x1fb"), ("event_id", "\x00"),

@@ -281,10 +281,35 @@ def test_payload_round_trip_is_exact(client):
     ("2025-10-17T22:30:00.250-04:30", "2025-10-18T03:00:00.250Z"),
     ("2025-10-18T03:00:00.123456+00:00", "2025-10-18T03:00:00.123456Z"),
     ("2025-01-01T00:30:00+01:00", "2024-12-31T23:30:00Z"),
+    # Nanoseconds, as Go, Java and OpenTelemetry write them, are kept; beyond, cut.
+    ("2025-10-18T03:00:00.123456789Z", "2025-10-18T03:00:00.123456789Z"),
+    ("2025-10-18T10:00:00.000000001+07:00", "2025-10-18T03:00:00.000000001Z"),
+    ("2025-10-18T03:00:00.12345678Z", "2025-10-18T03:00:00.12345678Z"),
+    ("2025-10-18T03:00:00.1234567891234Z", "2025-10-18T03:00:00.123456789Z"),
+    ("2025-10-18T02:59:59.9999999990-00:00", "2025-10-18T02:59:59.999999999Z"),
 ])
 def test_timestamps_come_back_normalised_to_utc(client, given, normalised):
     publish(client, event("t", timestamp=given))
     assert client.get("/events").json["events"][0]["timestamp"] == normalised
+
+
+@pytest.mark.parametrize("given", ["2025-10-18T03.5Z", "2025-10-18T03:30.5Z",
+                                   "2025-10-18T0330,5+01:00", "20251018T03.25Z",
+                                   "2025-W42-6T03.5Z"])
+def test_a_fraction_of_an_hour_or_a_minute_is_refused_not_read_as_seconds(client, db, given):
+    # datetime.fromisoformat() reads "03.5" as 03:00:00.5, where ISO 8601 means 03:30.
+    response = publish(client, [event("kept"), event("fraction", timestamp=given)])
+    assert response.status_code == 207
+    assert "fraction" in response.json["errors"]["1"]["timestamp"][0]
+    assert table_keys(db) == [("orders", "kept")]
+
+
+def test_a_fraction_of_the_seconds_in_any_form_is_taken(client):
+    for n, given in enumerate(["2025-10-18T033000.5Z", "2025-10-18T03:30:00,5Z",
+                               "2025-W42-6T03:30:00.5Z"]):
+        assert publish(client, event(str(n), timestamp=given)).status_code == 200
+    stamps = {e["timestamp"] for e in client.get("/events").json["events"]}
+    assert stamps == {"2025-10-18T03:30:00.5Z"}
 
 
 def test_stats_are_exact_after_a_mix_of_batches(client, db):
