@@ -23,7 +23,8 @@ FRACTION_DIGITS = 9
 # A fraction after the hour or the minute (10.5, 10:30.5, 1030.5): ISO 8601 makes it a
 # fraction of that unit (10:30:00, 10:30:30), but datetime.fromisoformat() reads it as a
 # fraction of a second (10:00:00.5), so it is refused rather than stored wrong.
-_PARTIAL_FRACTION = re.compile(r"(?<![\d:])\d\d(?::?\d\d)?[.,]")
+# Matched from the start: the date, the separator, then the hour and perhaps the minute.
+_PARTIAL_FRACTION = re.compile(r"[\dW-]+.\d\d(?::?\d\d)?[.,]", re.DOTALL)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Already UTC and in the form we store: the text needs no rebuilding.
@@ -46,8 +47,11 @@ def longer_than(text: str, max_bytes: int) -> bool:
     return len(text) * 4 > max_bytes and len(text.encode()) > max_bytes
 
 
-def _moment(value: object) -> datetime:
-    """Return the aware datetime of an ISO 8601 string with an offset, or raise."""
+def _moment(value: object, canonical: bool = False) -> datetime:
+    """Return the aware datetime of an ISO 8601 string with an offset, or raise.
+
+    canonical: the value is known to match _CANONICAL, whose only fraction is the seconds'.
+    """
     if not isinstance(value, str) or not value:
         raise ValidationError("Not a valid date-time: expected an ISO 8601 string.")
     try:
@@ -57,7 +61,7 @@ def _moment(value: object) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValidationError(
             "Date-time has no UTC offset: add 'Z' or an offset such as '+07:00'.")
-    if _PARTIAL_FRACTION.search(value):
+    if not canonical and _PARTIAL_FRACTION.match(value):
         raise ValidationError(
             "Not a valid date-time: a decimal fraction is taken only of the seconds "
             "(10:30:00.5), not of an hour or a minute (10.5, 10:30.5).")
@@ -84,8 +88,9 @@ def parse_timestamp(value: object) -> tuple[int, str]:
     FRACTION_DIGITS. Raises ValidationError for a non-string, an impossible time, a naive
     one, or one whose UTC form falls outside years 1..9999.
     """
-    moment = _moment(value)
-    if _CANONICAL.fullmatch(value):
+    canonical = isinstance(value, str) and _CANONICAL.fullmatch(value) is not None
+    moment = _moment(value, canonical)
+    if canonical:
         text = value
     else:
         offset = moment.utcoffset()
