@@ -149,6 +149,7 @@ KEEPALIVE_REQUESTS = 20
 # the root logger, which the app's loggers (access lines included) go through, is given
 # it too (_follow_log_level).
 accesslog = None
+logger_class = "app.logs.GunicornLogger"  # which does not even build gunicorn's access lines
 errorlog = "-"
 loglevel = "info"
 logconfig_dict = {
