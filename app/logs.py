@@ -54,8 +54,8 @@ class GunicornLogger(glogging.Logger):
     The app writes the access lines itself (_finish), and gunicorn's own would be dropped
     anyway: the logging config gives `gunicorn.access` no handler, and it replaces any that
     --access-logfile or --log-syslog added. Yet gunicorn built each of them before dropping
-    it (the atoms of every request: its headers, environ and timings), 10-15% of the CPU of
-    a request of 10 events (README, Performance).
+    it (the atoms of every request: its headers, environ and timings), 10-15% of a worker's
+    CPU for a request of 10 events from a single client (README, Performance).
     """
 
     def access(self, resp, req, environ, request_time) -> None:
