@@ -234,7 +234,7 @@ def post_worker_init(worker):
     # workers waited. In process (75,000 events of /publish, then 300 HTML pages): full
     # collections 157-192 ms in all against 14-18 ms; the page's p99 16-19 against 6-8 ms.
     # End to end (bench/ingest.py, 5 alternating pairs, medians of 3): faster in each pair,
-    # by 2% to 25% (median 7.5%). See README, Performance.
+    # by 2% to 25% (median 7.5%). See bench/RESULTS.md, Ingest.
     gc.freeze()
 
 

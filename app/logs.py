@@ -55,7 +55,7 @@ class GunicornLogger(glogging.Logger):
     anyway: the logging config gives `gunicorn.access` no handler, and it replaces any that
     --access-logfile or --log-syslog added. Yet gunicorn built each of them before dropping
     it (the atoms of every request: its headers, environ and timings), 10-15% of a worker's
-    CPU for a request of 10 events from a single client (README, Performance).
+    CPU for a request of 10 events from a single client (bench/RESULTS.md, Ingest).
     """
 
     def access(self, resp, req, environ, request_time) -> None:

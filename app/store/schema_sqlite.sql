@@ -38,7 +38,7 @@ CREATE INDEX IF NOT EXISTS events_source_seq ON events (source, seq);
 -- each block of 4096 sequence numbers. A time range is read block by block, skipping
 -- every block whose bounds miss it. (An index on ts would also serve ranges whose events
 -- are scattered over the whole store, but it cost 3.3 us of the 10.2 us an event takes to
--- insert with timestamps out of order; see README, Performance.)
+-- insert with timestamps out of order; see bench/RESULTS.md, Growth.)
 CREATE TABLE IF NOT EXISTS event_blocks (
     block  INTEGER PRIMARY KEY,
     min_ts INTEGER NOT NULL,

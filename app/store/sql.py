@@ -150,7 +150,7 @@ def read_page(run: Run, query: EventQuery, contains_sql: str) -> EventPage:
     A page reads rows in sequence order from the cursor on: through the (topic, seq) or
     (source, seq) index for those filters, and for a time range only within the blocks of
     event_blocks whose timestamps overlap it, then the sub-blocks event_buckets names. So a
-    page costs about its own size at any depth (see README, Performance, for the cases
+    page costs about its own size at any depth (see bench/RESULTS.md, Growth, for the cases
     measured). An event_id is looked up through the (topic, event_id) key: in the topic
     given, or in each topic of topic_counts (topics are few), so its page holds at most
     one event per topic. Every statement must see one snapshot.

@@ -68,7 +68,7 @@ MAX_ROWS_PER_INSERT = 512
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
 # A commit's four counters in one statement, and its topics' counts in another: each
 # statement is a round trip through the sqlite3 module, which lets the GIL go around it, and
-# the write lock is held meanwhile (see README, Performance).
+# the write lock is held meanwhile (see bench/RESULTS.md, Ingest).
 _ADD_COMMIT_COUNTERS = (
     "UPDATE counters SET value = value + CASE name WHEN 'received' THEN ?"
     " WHEN 'unique_processed' THEN ? WHEN 'duplicate_dropped' THEN ? WHEN 'rejected' THEN ?"
@@ -251,7 +251,7 @@ class SQLiteWriter(Writer):
         32, 16, 4), so that a handful of statements serve every batch size and stay in the
         connection's statement cache. Against executemany's one statement per row: 10-20%
         less CPU with the write lock held, and the GIL is let go (around each statement)
-        6 times per batch of 500 instead of 500 times; see README, Performance.
+        6 times per batch of 500 instead of 500 times; see bench/RESULTS.md, Ingest.
         """
         new, start = 0, 0
         while start < len(rows):
