@@ -25,6 +25,11 @@ FRACTION_DIGITS = 9
 # fraction of a second (10:00:00.5), so it is refused rather than stored wrong.
 # Matched from the start: the date, the separator, then the hour and perhaps the minute.
 _PARTIAL_FRACTION = re.compile(r"[\dW-]+.\d\d(?::?\d\d)?[.,]", re.DOTALL)
+# The date forms datetime.fromisoformat() reads (calendar or week, extended or basic). It
+# takes any one character after the date as the separator (2025-10-18x03:00, even
+# 2025-10-18003:00); ISO 8601 has T, and RFC 3339 also allows t and a space.
+_DATE = re.compile(r"\d{4}(?:-\d\d-\d\d|\d{4}|-W\d\d(?:-\d)?|W\d\d\d?)")
+_SEPARATORS = ("T", "t", " ")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Already UTC and in the form we store: the text needs no rebuilding.
@@ -54,10 +59,19 @@ def _moment(value: object, canonical: bool = False) -> datetime:
     """
     if not isinstance(value, str) or not value:
         raise ValidationError("Not a valid date-time: expected an ISO 8601 string.")
+    # RFC 3339 allows a lower-case z, which fromisoformat() does not read.
+    text = value[:-1] + "Z" if value[-1] == "z" else value
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValidationError(f"Not a valid ISO 8601 date-time ({exc}).") from None
+        reason = str(exc).replace(repr(text), repr(value))
+        raise ValidationError(f"Not a valid ISO 8601 date-time ({reason}).") from None
+    if not canonical:
+        date = _DATE.match(value)
+        if date is None or value[date.end():date.end() + 1] not in _SEPARATORS:
+            raise ValidationError(
+                "Not a valid ISO 8601 date-time: the date must be followed by 'T' and the "
+                "time (2025-10-18T03:00:00Z).")
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValidationError(
             "Date-time has no UTC offset: add 'Z' or an offset such as '+07:00'.")
@@ -305,13 +319,23 @@ RELATIVE_PATTERN = r"^now(?:-([0-9]+(?:\.[0-9]+)?)([smhd]))?$"  # also OpenAPI's
 _RELATIVE = re.compile(RELATIVE_PATTERN)
 
 
+# What an offset such as +07:00 becomes when a '+' in a query string is read as a space.
+_SPACED_OFFSET = re.compile(r"[Tt][\d:.,]+ \d\d(?::?\d\d)?$")
+
+
 class QueryTimestamp(fields.Field):
     """since or until: an ISO 8601 date-time with an offset, or a time relative to the
     request's (a view of the last hour stays one in a bookmark, and in the live page)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not (isinstance(value, str) and value.startswith("now")):
-            return timestamp_micros(value)
+            try:
+                return timestamp_micros(value)
+            except ValidationError as exc:
+                if _SPACED_OFFSET.search(value):
+                    raise ValidationError(f"{exc.messages[0]} A '+' in a URL's query "
+                                          "string reads as a space: write it %2B.") from None
+                raise
         match = _RELATIVE.fullmatch(value)
         if match is None:
             raise ValidationError("Not a valid relative time: now, or now- and a duration "

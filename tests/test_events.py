@@ -459,6 +459,19 @@ def test_bad_query_parameter_is_400_naming_it(client, param, value):
     assert param in response.json["message"] and param in response.json["errors"]
 
 
+def test_an_offset_whose_plus_became_a_space_is_named(client, filled):
+    """A '+' in a query string is a space: since=...T03:00:00+07:00 typed into curl arrives
+    as '...T03:00:00 07:00', and the answer says how to write it."""
+    response = client.get("/events?since=2025-10-18T03:00:00+07:00")
+    assert response.status_code == 400
+    assert "%2B" in response.json["errors"]["since"][0]
+    response = client.get("/events?since=2025-10-18T03:00:00%2B07:00")
+    assert response.status_code == 200
+    # Without a time before the space, the hint is not given.
+    response = client.get("/events?until=2025-10-18+03:00")
+    assert "%2B" not in response.json["errors"]["until"][0]
+
+
 @pytest.mark.parametrize("param,values", [
     ("topic", ["orders", "payments"]), ("limit", ["1", "1"]), ("order", ["asc", "desc"]),
 ])

@@ -312,6 +312,26 @@ def test_a_fraction_of_the_seconds_in_any_form_is_taken(client):
     assert stamps == {"2025-10-18T03:30:00.5Z"}
 
 
+@pytest.mark.parametrize("given", ["2025-10-18x03:00:00Z", "2025-10-18003:00:00+00:00",
+                                   "2025-10-18-03:00:00Z", "2025-10-18\u00e903:00:00Z",
+                                   "20251018W030000Z", "2025-W42-6:03:00:00Z"])
+def test_a_date_and_time_not_separated_by_t_are_refused(client, db, given):
+    # datetime.fromisoformat() takes any one character between them, a digit included.
+    response = publish(client, [event("kept"), event("separated", timestamp=given)])
+    assert response.status_code == 207
+    assert "followed by 'T'" in response.json["errors"]["1"]["timestamp"][0]
+    assert table_keys(db) == [("orders", "kept")]
+
+
+def test_rfc_3339_forms_of_the_separator_and_of_z_are_taken(client):
+    # RFC 3339 allows a lower-case t and z, and a space between the date and the time.
+    for n, given in enumerate(["2025-10-18t03:00:00z", "2025-10-18 03:00:00Z",
+                               "2025-10-18T03:00:00z", "20251018t030000z"]):
+        assert publish(client, event(str(n), timestamp=given)).status_code == 200
+    stamps = {e["timestamp"] for e in client.get("/events").json["events"]}
+    assert stamps == {"2025-10-18T03:00:00Z"}
+
+
 def test_stats_are_exact_after_a_mix_of_batches(client, db):
     publish(client, [event(str(i), topic="a") for i in range(10)])
     publish(client, [event(str(i), topic="a") for i in range(5, 15)])
