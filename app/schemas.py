@@ -193,6 +193,9 @@ class EventSchema(Schema):
     class Meta:
         unknown = RAISE
 
+    # marshmallow's own is "Invalid input type.", for [1], "x" or null where an event goes.
+    error_messages = {"type": "An event must be a JSON object."}
+
     topic = Name(required=True)
     event_id = Name(required=True, metadata={"description": "Unique within its topic."})
     timestamp = Timestamp(required=True, metadata={
