@@ -127,7 +127,16 @@ def _events_of(document: object) -> list:
     if isinstance(document, list):
         return document
     if isinstance(document, dict):
-        if "events" in document and len(document) == 1:
+        if "events" in document:
+            # An event has no field named events, so this object is a batch whatever
+            # else it holds; read as one event, it got a 422 listing five missing fields.
+            if len(document) > 1:
+                others = [key for key in document if key != "events"]
+                named = ", ".join(repr(key[:40]) for key in others[:5])
+                more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+                raise APIError(400, "bad_body",
+                               "An object holding 'events' is a batch, and 'events' must be "
+                               f"its only key; it also has {named}{more}.")
             if isinstance(document["events"], list):
                 return document["events"]
             raise APIError(400, "bad_body", "'events' must be a JSON array of events.")

@@ -160,6 +160,20 @@ def test_non_object_in_a_batch_is_refused_by_index(client):
         str(i): {"_schema": ["An event must be a JSON object."]} for i in range(1, 5)}
 
 
+def test_a_batch_object_with_other_keys_is_a_400_naming_them(client, db):
+    response = publish(client, {"events": [event("e1")], "source": "x", "meta": {}})
+    assert response.status_code == 400
+    assert response.json == {
+        "error": "bad_body",
+        "message": "An object holding 'events' is a batch, and 'events' must be its only "
+                   "key; it also has 'source', 'meta'."}
+    many = {"events": [], **{f"k{i}": i for i in range(7)}}
+    assert publish(client, many).json["message"].endswith(
+        "it also has 'k0', 'k1', 'k2', 'k3', 'k4' and 2 more.")
+    assert table_keys(db) == []
+    assert client.get("/stats").json["rejected"] == 0
+
+
 def test_batch_with_no_valid_event_is_422_and_stores_nothing(client, db):
     response = publish(client, [event("a", topic=""), event("b", timestamp="nope")])
     assert response.status_code == 422
@@ -194,6 +208,8 @@ WHOLE_REQUEST_ERRORS = [
     ("byte order mark inside", "[\ufeff{}]".encode(), "application/json", {}, 400,
      "malformed_json"),
     ("events not a list", b'{"events": {"a": 1}}', "application/json", {}, 400, "bad_body"),
+    ("events beside other keys", b'{"events": [], "meta": 1}', "application/json", {}, 400,
+     "bad_body"),
     ("bad NDJSON line", b'{"a": 1}\n{oops\n', "application/x-ndjson", {}, 400,
      "malformed_json"),
     ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json", {}, 400,
