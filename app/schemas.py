@@ -7,6 +7,7 @@ import base64
 import re
 from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring
+from urllib.parse import unquote_to_bytes
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, pre_load, validate
 
@@ -352,6 +353,22 @@ class QueryTimestamp(fields.Field):
 
 # Parameters of the events page that the JSON API takes and ignores (app/pages.py).
 PAGE_ONLY_PARAMS = ("live",)
+
+
+def undecodable_params(query_string: bytes) -> dict[str, list[str]]:
+    """The errors of the query string's parameters whose name or value is not UTF-8 once
+    unescaped (topic=%FF). Werkzeug reads such bytes as U+FFFD, so the filter would be
+    another one than asked: events whose text really holds U+FFFD (%EF%BF%BD)."""
+    errors = {}
+    for pair in query_string.split(b"&"):
+        name = pair.partition(b"=")[0]
+        try:
+            unquote_to_bytes(pair.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            label = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+            errors[label[:40]] = ["Not UTF-8 once unescaped: a %XX escape stands for one byte "
+                                  "of the text's UTF-8 (%C3%A9 for é)."]
+    return errors
 
 
 class EventsQuerySchema(Schema):

@@ -32,7 +32,7 @@ from .errors import APIError
 from .ingest import Ingestor
 from .logs import utc_text
 from .metrics import CONTENT_TYPE
-from .schemas import EventsQuerySchema, StatsQuerySchema, encode_cursor
+from .schemas import EventsQuerySchema, StatsQuerySchema, encode_cursor, undecodable_params
 from .store import EventQuery, Store, StoredEvent, StoreError
 from .store.base import utf8_length
 
@@ -114,6 +114,8 @@ def events() -> Response:
 def _load_query(schema: Schema) -> dict:
     """Return the request's query string loaded by the schema; 400 naming what is bad."""
     try:
+        if bad := undecodable_params(request.query_string):
+            raise ValidationError(bad)
         return schema.load(request.args)
     except ValidationError as exc:
         names = ", ".join(sorted(exc.messages))
@@ -125,6 +127,8 @@ def _events_page() -> Response:
     params = pages.page_params(request.args)
     counters = _store().counters(largest=pages.TOPICS_SHOWN)
     try:
+        if bad := undecodable_params(request.query_string):
+            raise ValidationError(bad)
         args = _events_query.load({**params, "order": "desc"})
     except ValidationError as exc:
         return pages.render_events_page(counters, params, errors=exc.messages)

@@ -497,6 +497,27 @@ def test_an_unknown_query_parameter_is_400_naming_it(client, filled, query):
             in response.json["errors"][name][0])
 
 
+def test_a_parameter_not_utf8_once_unescaped_is_400_not_a_filter_on_u_fffd(client):
+    """Werkzeug reads %FF as U+FFFD, so topic=%FF used to answer for a topic named U+FFFD."""
+    replaced = "\ufffd"
+    assert client.post("/publish", json=[event("r1", topic=replaced, payload={"t": replaced}),
+                                         event("r2")]).status_code == 200
+    for query, name in [("topic=%FF", "topic"), ("q=%C3", "q"),
+                        ("limit=5&source=a%E9b", "source"), ("q=%FF%FE&topic=%ff", "q")]:
+        response = client.get(f"/events?{query}")
+        assert response.status_code == 400, query
+        assert response.json["error"] == "bad_query"
+        assert name in response.json["errors"]
+        assert "Not UTF-8 once unescaped" in response.json["errors"][name][0]
+        page = client.get(f"/events?{query}", headers={"Accept": "text/html"})
+        assert page.status_code == 400
+        assert "Not UTF-8 once unescaped" in page.get_data(as_text=True)
+    assert client.get("/stats?topics=%FF").status_code == 400
+    # The character itself, escaped as its UTF-8, is a filter like any other.
+    for query in ("topic=%EF%BF%BD", "q=%EF%BF%BD"):
+        assert [e["event_id"] for e in client.get(f"/events?{query}").json["events"]] == ["r1"]
+
+
 def test_the_pages_own_parameter_is_let_through(client, filled):
     """A URL of the live page also works as an API call."""
     response = client.get("/events?topic=a&live=1&limit=5")
