@@ -94,6 +94,12 @@ def _topics(text: str) -> list[str]:
     topics = [t.strip() for t in text.split(",") if t.strip()]
     if not topics:
         raise ValueError
+    for topic in topics:
+        # The aggregator's rule for a topic: otherwise every event of it would be refused.
+        if len(topic) > 255 or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in topic):
+            raise argparse.ArgumentTypeError(
+                f"topic {topic[:40]!r}{'...' if len(topic) > 40 else ''} is not 1 to 255 "
+                "characters without control characters, as the aggregator takes them")
     return topics
 
 

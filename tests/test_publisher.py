@@ -233,6 +233,10 @@ def test_bad_arguments_exit_2(tmp_path):
     assert run_publisher("--wait", "forever").returncode == 2
     assert run_publisher("--rate", "0").returncode == 2
     assert run_publisher("--rate", "-5").returncode == 2
+    too_long = run_publisher("--topics", "a," + "t" * 256)
+    assert too_long.returncode == 2 and "topic 'tttt" in too_long.stderr
+    assert "1 to 255 characters" in too_long.stderr
+    assert run_publisher("--topics", "a,b\x01c").returncode == 2
     bad_env = run_publisher(PUBLISHER_CONCURRENCY="many")
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
