@@ -11,14 +11,13 @@ import signal
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 from tqdm import tqdm
 
-from .client import MAX_BACKOFF, Publisher, PublishError
+from .client import MAX_BACKOFF, Publisher, PublishError, checked_url, valid_name
 from .events import DEFAULT_LINGER, EventFactory, file_batches, generated_batches, send_order
 from .sender import Sender, Summary
 
@@ -27,18 +26,10 @@ DEFAULT_WAIT = 30.0
 
 
 def _url(text: str) -> str:
-    """An http:// or https:// URL with a host. Without this, `--url localhost:8080` was
-    tried for the whole --wait, then failed with "No connection adapters were found"."""
-    parts = urllib.parse.urlsplit(text.strip())
     try:
-        port_ok = parts.port != 0
-    except ValueError:  # not a number, or not in 0..65535
-        port_ok = False
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http:// or https:// URL with a host, such as "
-            "http://127.0.0.1:8080")
-    return text.strip()
+        return checked_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -95,8 +86,7 @@ def _topics(text: str) -> list[str]:
     if not topics:
         raise ValueError
     for topic in topics:
-        # The aggregator's rule for a topic: otherwise every event of it would be refused.
-        if len(topic) > 255 or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in topic):
+        if not valid_name(topic):  # else every event of it would be refused
             raise argparse.ArgumentTypeError(
                 f"topic {topic[:40]!r}{'...' if len(topic) > 40 else ''} is not 1 to 255 "
                 "characters without control characters, as the aggregator takes them")

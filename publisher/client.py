@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +18,31 @@ RETRY_STATUSES = (408, 429, 502, 503, 504)
 GZIP_LEVEL = 6  # zlib's default: batches of generated events shrink 8 times, 4.5 us per event
 MAX_BACKOFF = 30.0
 WAIT_NOTICE_SECONDS = 10.0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def checked_url(text: str) -> str:
+    """Return the aggregator's base URL, stripped, if it is http:// or https:// with a host
+    (and a port, if any, in 1..65535); else raise ValueError naming it. Without this,
+    `localhost:8080` failed only at the first request ("No connection adapters were
+    found"): after the CLI's whole --wait, or, in AggregatorHandler, every record dropped."""
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # not a number, or not in 0..65535
+        port_ok = False
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host, such as "
+                         "http://127.0.0.1:8080")
+    return text.strip()
+
+
+def valid_name(value: str) -> bool:
+    """Return whether the aggregator takes value as a topic or a source: 1 to 255
+    characters, none a control character."""
+    return 0 < len(value) <= 255 and not _CONTROL.search(value)
 
 
 class PublishError(Exception):
@@ -86,7 +113,7 @@ class Publisher:
         """retries=None retries without end, until stop_retrying() is called; on_retry is
         called (from the sending thread) before each wait for a retry. compress=True sends
         every body gzipped (Content-Encoding: gzip)."""
-        self.url = url.rstrip("/")
+        self.url = checked_url(url).rstrip("/")
         self.compress = compress
         self.timeout = timeout
         self.session = requests.Session()

@@ -16,19 +16,17 @@ import json
 import logging
 import os
 import queue
-import re
 import socket
 import threading
 import time
 import weakref
 from datetime import UTC, datetime
 
-from .client import Publisher, PublishError
+from .client import Publisher, PublishError, checked_url, valid_name
 from .events import Batch
 
 # What every LogRecord has: the rest of its attributes came as extra={...}.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FORMATTER = logging.Formatter()
 _CLOSE, _FLUSH = object(), object()  # in the queue: stop once what is before is sent; send now
 # A message, traceback or stack longer than this is cut: the aggregator refuses a payload
@@ -53,9 +51,15 @@ class AggregatorHandler(logging.Handler):
         or its first has waited linger seconds. At most capacity records wait to be sent;
         close() waits up to close_timeout seconds for them to be acknowledged."""
         super().__init__(level)
+        # Bad arguments fail here, not as every record dropped or refused, unseen.
+        url = checked_url(url)
         for name, value in (("topic", topic), ("source", source)):
-            if value is not None and not (0 < len(value) <= 255 and not _UNSAFE.search(value)):
+            if value is not None and not valid_name(value):
                 raise ValueError(f"{name} must be 1 to 255 characters, none a control one")
+        for name, value, least in (("batch_size", batch_size, 1), ("capacity", capacity, 1),
+                                   ("linger", linger, 0), ("close_timeout", close_timeout, 0)):
+            if not value >= least:  # NaN too
+                raise ValueError(f"{name} must be at least {least}, not {value!r}")
         self.topic = topic
         self.source = source or socket.gethostname()[:255] or "localhost"
         self.batch_size = batch_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from publisher import AggregatorHandler
+from publisher import AggregatorHandler, Publisher
 from tests.helpers import ROOT, every_event, free_port, wait_for
 
 pytestmark = pytest.mark.backends("sqlite")
@@ -135,6 +136,27 @@ def test_a_wrong_token_counts_the_records_rejected_and_a_bad_topic_is_refused(gu
     for topic in ("", "t" * 256, "a\nb"):
         with pytest.raises(ValueError, match="topic must be 1 to 255 characters"):
             AggregatorHandler(server.url, topic=topic)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"url": "localhost:8080"}, "is not an http:// or https:// URL with a host"),
+    ({"url": "ftp://127.0.0.1:8080"}, "is not an http:// or https:// URL with a host"),
+    ({"url": "http://127.0.0.1:80800"}, "is not an http:// or https:// URL with a host"),
+    ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+    ({"capacity": 0}, "capacity must be at least 1, not 0"),
+    ({"linger": -1}, "linger must be at least 0, not -1"),
+    ({"close_timeout": float("nan")}, "close_timeout must be at least 0, not nan"),
+])
+def test_bad_arguments_are_refused_when_the_handler_is_made(kwargs, message):
+    """Not taken, then every record dropped unseen (a URL without http://: requests' "No
+    connection adapters"; capacity 0) or batches sent oddly (batch_size 0 sent one record
+    at a time)."""
+    arguments = {"url": "http://127.0.0.1:8080", "topic": "t", **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AggregatorHandler(**arguments)
+    if "url" in kwargs:  # the client of the CLI and of programs, too
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Publisher(kwargs["url"])
 
 
 def test_a_program_that_just_exits_has_its_records_sent(gunicorn):
