@@ -103,6 +103,17 @@ def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
     return progress
 
 
+def _not_empty(text: str) -> str:
+    """A filter or cursor given empty (`--topic "$TOPIC"` with TOPIC unset) is refused: left
+    out, it was every event, and an empty --after wrote the output file anew."""
+    if text == "":
+        raise argparse.ArgumentTypeError("empty; leave the option out instead")
+    return text
+
+
+_not_empty.__name__ = "value"
+
+
 def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m publisher.export",
@@ -119,10 +130,11 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
     parser.add_argument("--token-file", default=environ.get("PUBLISHER_TOKEN_FILE"),
                         help=f"{TOKEN_FILE_HELP} [env PUBLISHER_TOKEN_FILE]")
     for name, text in FILTERS.items():
-        parser.add_argument(f"--{name}", help=f"only events {text}, as GET /events?{name}= "
-                                              "takes it")
-    parser.add_argument("--after", help="go on from this cursor (a stopped export names it); "
-                                        "the output file is then appended to")
+        parser.add_argument(f"--{name}", type=_not_empty,
+                            help=f"only events {text}, as GET /events?{name}= takes it")
+    parser.add_argument("--after", type=_not_empty,
+                        help="go on from this cursor (a stopped export names it); the "
+                             "output file is then appended to")
     parser.add_argument("--follow", "-f", action="store_true",
                         help="once every event is written, go on writing those that arrive, "
                              f"asking every {FOLLOW_EVERY_S:g} s, until Ctrl-C or SIGTERM "
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     when it stopped early, 128 + the signal that stopped it, 2 for a refusal or an output
     that cannot be opened."""
     args = parse_args(argv, os.environ if environ is None else environ)
-    filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
+    filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name) is not None}
     stop, signals = threading.Event(), []
     try:
         with ExitStack() as stack:

@@ -238,6 +238,20 @@ def test_nothing_listening_exits_1_saying_to_run_it_again():
     assert result.stderr.strip().splitlines()[-1].endswith("run it again (nothing was written)")
 
 
+@pytest.mark.parametrize("option", ["--topic", "--source", "--q", "--since", "--until",
+                                    "--after"])
+def test_an_empty_filter_or_cursor_exits_2_and_leaves_the_output_alone(tmp_path, option):
+    """`--topic "$TOPIC"` with TOPIC unset: not every event, and (for --after) not the
+    output file written anew."""
+    output = tmp_path / "events.ndjson"
+    output.write_text('{"kept": true}\n')
+    result = run("publisher.export", "--url", f"http://127.0.0.1:{free_port()}", "--retries",
+                 "0", "--output", str(output), option, "")
+    assert result.returncode == 2
+    assert f"argument {option}: empty; leave the option out instead" in result.stderr
+    assert output.read_text() == '{"kept": true}\n'
+
+
 def test_an_output_that_cannot_be_opened_exits_2_naming_it(tmp_path):
     """A bad argument (2), not an export that stopped early and could go on (1)."""
     for output in (tmp_path / "no" / "events.ndjson", tmp_path):
