@@ -32,6 +32,15 @@ def _url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _not_empty(text: str) -> str:
+    """An option given empty (`--file "$LOG"` with LOG unset) is refused: taken as left
+    out, it meant another thing (generated events sent instead of the file's; in an export,
+    every event, and an empty --after wrote the output file anew)."""
+    if text == "":
+        raise argparse.ArgumentTypeError("empty; leave the option out instead")
+    return text
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -144,7 +153,7 @@ OPTIONS = {
     "--seed": ("PUBLISHER_SEED", None, _non_negative,
                "seed for ids and order (default: random, printed)"),
     "--token": ("PUBLISHER_TOKEN", None, str, "bearer token for /publish"),
-    "--token-file": ("PUBLISHER_TOKEN_FILE", None, str, TOKEN_FILE_HELP),
+    "--token-file": ("PUBLISHER_TOKEN_FILE", None, _not_empty, TOKEN_FILE_HELP),
     "--wait": ("PUBLISHER_WAIT", None, _wait,
                "seconds to wait for /health first, or 'unlimited' (default: 30; "
                "unlimited with --retries unlimited)"),
@@ -153,8 +162,9 @@ OPTIONS = {
                   "('unlimited': until it is delivered, or Ctrl-C)"),
     "--max-backoff": ("PUBLISHER_MAX_BACKOFF", f"{MAX_BACKOFF:g}", _seconds,
                       "longest wait between two retries, in seconds"),
-    "--file": ("PUBLISHER_FILE", None, str, "replay events from an NDJSON file (- for stdin)"),
-    "--rejects": ("PUBLISHER_REJECTS", None, str,
+    "--file": ("PUBLISHER_FILE", None, _not_empty,
+               "replay events from an NDJSON file (- for stdin)"),
+    "--rejects": ("PUBLISHER_REJECTS", None, _not_empty,
                   "with --file, write refused lines here as NDJSON"),
     "--linger": ("PUBLISHER_LINGER", str(DEFAULT_LINGER), _seconds,
                  "with --file, send a batch that is not full once its first line has "
@@ -170,7 +180,10 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                     "0 every event acknowledged, 1 failure, 2 bad arguments.")
     for option, (variable, default, kind, text) in OPTIONS.items():
         shown = "" if default is None else f"; default {default}"
-        parser.add_argument(option, default=environ.get(variable, default), type=kind,
+        given = environ.get(variable, default)
+        if kind is _not_empty and given == "":  # PUBLISHER_FILE= (compose's "${X:-}"): unset
+            given = default
+        parser.add_argument(option, default=given, type=kind,
                             help=f"{text} [env {variable}{shown}]")
     for option, variable, text in (
             ("--gzip", "PUBLISHER_GZIP", "send each batch gzipped: about 8 times fewer bytes "

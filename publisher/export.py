@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .cli import (
     TOKEN_FILE_HELP,
     UsageError,
+    _not_empty,
     _opened,
     _positive,
     _retries,
@@ -103,17 +104,6 @@ def export(publisher: Publisher, filters: Mapping[str, str], out: int, *,
     return progress
 
 
-def _not_empty(text: str) -> str:
-    """A filter or cursor given empty (`--topic "$TOPIC"` with TOPIC unset) is refused: left
-    out, it was every event, and an empty --after wrote the output file anew."""
-    if text == "":
-        raise argparse.ArgumentTypeError("empty; leave the option out instead")
-    return text
-
-
-_not_empty.__name__ = "value"
-
-
 def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m publisher.export",
@@ -127,7 +117,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
     parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN"),
                         help="the read token, or the publish token, when the aggregator "
                              "needs one [env PUBLISHER_TOKEN]")
-    parser.add_argument("--token-file", default=environ.get("PUBLISHER_TOKEN_FILE"),
+    parser.add_argument("--token-file", type=_not_empty,
+                        default=environ.get("PUBLISHER_TOKEN_FILE") or None,
                         help=f"{TOKEN_FILE_HELP} [env PUBLISHER_TOKEN_FILE]")
     for name, text in FILTERS.items():
         parser.add_argument(f"--{name}", type=_not_empty,

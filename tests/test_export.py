@@ -239,7 +239,7 @@ def test_nothing_listening_exits_1_saying_to_run_it_again():
 
 
 @pytest.mark.parametrize("option", ["--topic", "--source", "--q", "--since", "--until",
-                                    "--after"])
+                                    "--after", "--token-file"])
 def test_an_empty_filter_or_cursor_exits_2_and_leaves_the_output_alone(tmp_path, option):
     """`--topic "$TOPIC"` with TOPIC unset: not every event, and (for --after) not the
     output file written anew."""

@@ -241,6 +241,19 @@ def test_bad_arguments_exit_2(tmp_path):
     assert bad_env.returncode == 2 and "--concurrency" in bad_env.stderr
 
 
+@pytest.mark.parametrize("option", ["--file", "--rejects", "--token-file"])
+def test_a_file_option_given_empty_exits_2_and_an_empty_variable_is_unset(option):
+    """`--file "$LOG"` with LOG unset used to send 5,000 generated events instead."""
+    url = f"http://127.0.0.1:{free_port()}"
+    given = run_publisher("--url", url, "--wait", "1", *(["--file", "-"] * (option ==
+                                                         "--rejects")), option, "")
+    assert given.returncode == 2
+    assert f"argument {option}: empty; leave the option out instead" in given.stderr
+    variable = "PUBLISHER_" + option[2:].upper().replace("-", "_")
+    unset = run_publisher("--url", url, "--wait", "1", **{variable: ""})
+    assert unset.returncode == 1 and "not ready within 1s" in unset.stderr
+
+
 @pytest.mark.parametrize("url", ["localhost:8080", "ftp://127.0.0.1:8080", "http://",
                                  "http://127.0.0.1:80800", "http://127.0.0.1:port"])
 def test_a_url_that_is_not_http_exits_2_at_once_naming_it(url):
