@@ -180,9 +180,8 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                     "0 every event acknowledged, 1 failure, 2 bad arguments.")
     for option, (variable, default, kind, text) in OPTIONS.items():
         shown = "" if default is None else f"; default {default}"
-        given = environ.get(variable, default)
-        if kind is _not_empty and given == "":  # PUBLISHER_FILE= (compose's "${X:-}"): unset
-            given = default
+        # Set empty (compose's "${X:-}" when X is unset) is unset, as the aggregator's are.
+        given = environ.get(variable) or default
         parser.add_argument(option, default=given, type=kind,
                             help=f"{text} [env {variable}{shown}]")
     for option, variable, text in (

@@ -112,9 +112,9 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.N
                     "written, 1 stopped early (the last line says how to go on; 130 or 143 "
                     "for Ctrl-C or SIGTERM), 2 bad arguments, filters or token.")
     parser.add_argument("--url", type=_url,
-                        default=environ.get("PUBLISHER_URL", "http://127.0.0.1:8080"),
+                        default=environ.get("PUBLISHER_URL") or "http://127.0.0.1:8080",
                         help="aggregator base URL [env PUBLISHER_URL]")
-    parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN"),
+    parser.add_argument("--token", default=environ.get("PUBLISHER_TOKEN") or None,
                         help="the read token, or the publish token, when the aggregator "
                              "needs one [env PUBLISHER_TOKEN]")
     parser.add_argument("--token-file", type=_not_empty,

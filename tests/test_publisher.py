@@ -249,8 +249,10 @@ def test_a_file_option_given_empty_exits_2_and_an_empty_variable_is_unset(option
                                                          "--rejects")), option, "")
     assert given.returncode == 2
     assert f"argument {option}: empty; leave the option out instead" in given.stderr
+    # Set empty, a variable is unset (compose's "${X:-}"), as the aggregator's are.
     variable = "PUBLISHER_" + option[2:].upper().replace("-", "_")
-    unset = run_publisher("--url", url, "--wait", "1", **{variable: ""})
+    unset = run_publisher("--url", url, "--wait", "1", **{variable: "", "PUBLISHER_EVENTS": "",
+                                                           "PUBLISHER_RETRIES": ""})
     assert unset.returncode == 1 and "not ready within 1s" in unset.stderr
 
 
