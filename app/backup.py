@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                     "database failed, 2 bad arguments or settings.")
     parser.add_argument("dest", help="the new file (it must not exist)")
     args = parser.parse_args(argv)
+    if not args.dest:  # `"$DEST"` unset: else a copy was made, then refused under a temp name
+        return _error("the destination is empty: name the new file", 2)
     try:
         config = from_env()
     except ConfigError as exc:

@@ -90,6 +90,7 @@ def test_a_backup_never_replaces_a_file_and_names_what_is_wrong(db, tmp_path):
     kept.write_bytes(b"not to be lost")
     for dest, env, wanted in (
             (kept, {}, f"File exists: {kept}"),
+            ("", {}, "the destination is empty: name the new file"),
             (tmp_path / "no" / "x.db", {}, f"No such file or directory: {tmp_path / 'no'}"),
             (tmp_path / "x.db", {"DATABASE_URL": f"sqlite:///{tmp_path / 'missing.db'}"},
              f"No such file or directory: {tmp_path / 'missing.db'}"),
