@@ -9,7 +9,17 @@ from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring
 from urllib.parse import unquote_to_bytes
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, missing, pre_load, validate
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    missing,
+    post_load,
+    pre_load,
+    validate,
+)
 
 from .config import UNIT_SECONDS
 
@@ -285,6 +295,14 @@ class StatsQuerySchema(Schema):
     topics = fields.Integer(validate=validate.Range(min=0), metadata={
         "description": "list only this many topics, the largest (by count, then name), in "
                        "topics and topics_last_stored_at; all when absent"})
+
+    @post_load
+    def _at_most_every_topic(self, data, **kwargs):
+        """More than any store holds is every topic: topics=99999999999999999999 was a 500
+        (SQLite takes 64-bit integers only)."""
+        if data.get("topics") is not None:
+            data["topics"] = min(data["topics"], 2**62)
+        return data
 
 
 class HealthSchema(Schema):
