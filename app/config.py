@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -129,7 +130,7 @@ UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _duration(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
-    if not match or float(match[1]) <= 0:
+    if not match or not 0 < float(match[1]) < math.inf:
         raise ValueError("must be a duration such as 30d, 12h, 90m or 3600s")
     return float(match[1]) * UNIT_SECONDS[match[2]]
 

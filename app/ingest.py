@@ -275,7 +275,9 @@ class Ingestor:
     def _expire(self, writer) -> float:
         """Delete one chunk of the events past the retention; return the seconds until the
         next look (none while chunks come back full)."""
-        before = utc_text(time.time() - self._retention)
+        # A retention past 1970 (AGGREGATOR_RETENTION=1000000d) keeps every event, which
+        # were all received since: before year 1, the cutoff stopped every writer.
+        before = utc_text(max(time.time() - self._retention, 0.0))
         try:
             expired = writer.expire(before, EXPIRE_CHUNK)
         except StoreError as exc:

@@ -154,7 +154,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("AGGREGATOR_MAX_BATCH", "many"), ("AGGREGATOR_WRITERS", "0"),
     ("DATABASE_URL", "mysql://x"), ("AGGREGATOR_COMMIT_TIMEOUT", "-1"),
     ("AGGREGATOR_TRUSTED_PROXIES", "-1"), ("AGGREGATOR_RETENTION", "forever"),
-    ("AGGREGATOR_RETENTION", "0d"), ("AGGREGATOR_MAX_PAGE_BYTES", "0"),
+    ("AGGREGATOR_RETENTION", "0d"), ("AGGREGATOR_RETENTION", "9" * 400 + "d"),
+    ("AGGREGATOR_MAX_PAGE_BYTES", "0"),
     ("AGGREGATOR_BODY_BUDGET", "-1"), ("AGGREGATOR_BODY_TIMEOUT", "0"),
     ("AGGREGATOR_HEADER_TIMEOUT", "soon"), ("AGGREGATOR_SEND_TIMEOUT", "0"),
     ("AGGREGATOR_METRICS_TOPICS", "-1"),
@@ -450,6 +451,17 @@ def test_events_received_longer_ago_than_the_retention_expire(gunicorn, db):
     assert "aggregator_events_expired_total 3.0" in metrics
     html = requests.get(server.url + "/events", headers={"Accept": "text/html"}, timeout=10).text
     assert "<dt>Expired</dt><dd>3</dd>" in html
+
+
+def test_a_retention_longer_than_the_calendar_keeps_every_event(gunicorn, db):
+    """1,000,000 days reach back before year 1: that cutoff stopped every writer."""
+    server = gunicorn(env={"AGGREGATOR_RETENTION": "1000000d"})
+    batch = [event("a"), event("b")]
+    assert requests.post(server.url + "/publish", json=batch, timeout=10).status_code == 200
+    time.sleep(1.5)  # the writers look for expired events at once, then every 10 s
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert (stats(server.url)["expired"], table_keys(db)) == (0, [("orders", "a"),
+                                                                   ("orders", "b")])
 
 
 def test_retention_never_deletes_the_newest_event_so_seq_goes_on(gunicorn, db):
