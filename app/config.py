@@ -89,16 +89,22 @@ class Config:
 
 # Environment variable -> (Config field, parser). The parsers raise ValueError
 # with a short reason; from_env() turns it into a ConfigError naming the variable.
+MAX_INT = 2**31 - 1  # past 64 bits, AGGREGATOR_SEARCH_SCAN made every search by topic a 500
+
+
 def _positive_int(text: str) -> int:
     value = int(text) if text.isdigit() else 0
-    if value < 1:
-        raise ValueError("must be a positive integer")
+    if not 1 <= value <= MAX_INT:
+        raise ValueError(f"must be a positive integer, at most {MAX_INT}")
     return value
 
 
+MAX_COUNT = 1_000_000  # a count past SQL's 64-bit LIMIT made /metrics a 500
+
+
 def _count(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError("must be a whole number, 0 or more")
+    if not text.isdigit() or int(text) > MAX_COUNT:
+        raise ValueError(f"must be a whole number, 0 to {MAX_COUNT}")
     return int(text)
 
 
@@ -110,10 +116,16 @@ def _float(text: str) -> float:
         return float("nan")
 
 
+# A time limit past this was taken, then broke at run time: 1e30 seconds overflowed the
+# waits for a commit (every /publish a 500), the deadlines' clock and SO_SNDTIMEO.
+MAX_TIMEOUT = 86400.0
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError("must be a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise ValueError(f"must be a positive number of seconds, at most {MAX_TIMEOUT:g} "
+                         "(a day)")
     return value
 
 

@@ -159,6 +159,10 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(gunicorn, db):
     ("AGGREGATOR_BODY_BUDGET", "-1"), ("AGGREGATOR_BODY_TIMEOUT", "0"),
     ("AGGREGATOR_HEADER_TIMEOUT", "soon"), ("AGGREGATOR_SEND_TIMEOUT", "0"),
     ("AGGREGATOR_METRICS_TOPICS", "-1"),
+    # Past what the run-time waits and LIMITs take (a 500 for every /publish or /metrics).
+    ("AGGREGATOR_COMMIT_TIMEOUT", "1e30"), ("AGGREGATOR_HEADER_TIMEOUT", "86401"),
+    ("AGGREGATOR_SEND_TIMEOUT", "1e30"), ("AGGREGATOR_METRICS_TOPICS", "9" * 20),
+    ("AGGREGATOR_SEARCH_SCAN", "9" * 20), ("AGGREGATOR_MAX_BODY", str(2**31)),
     # Secrets: the line names the variable but does not repeat them.
     ("DATABASE_URL", "postgresql://user:s3cret@/dbname"),
     ("DATABASE_URL", "mysql://host/db?password=s3cret"),
