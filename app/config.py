@@ -89,7 +89,9 @@ class Config:
 
 # Environment variable -> (Config field, parser). The parsers raise ValueError
 # with a short reason; from_env() turns it into a ConfigError naming the variable.
-MAX_INT = 2**31 - 1  # past 64 bits, AGGREGATOR_SEARCH_SCAN made every search by topic a 500
+# No setting needs more; AGGREGATOR_SEARCH_SCAN past 64 bits made every search by topic
+# or source a 500 (its OFFSET).
+MAX_INT = 2**31 - 1
 
 
 def _positive_int(text: str) -> int:
