@@ -373,10 +373,10 @@ class QueryTimestamp(fields.Field):
 PAGE_ONLY_PARAMS = ("live",)
 
 
-def undecodable_params(query_string: bytes) -> dict[str, list[str]]:
-    """The errors of the query string's parameters whose name or value is not UTF-8 once
-    unescaped (topic=%FF). Werkzeug reads such bytes as U+FFFD, so the filter would be
-    another one than asked: events whose text really holds U+FFFD (%EF%BF%BD)."""
+def check_utf8_query(query_string: bytes) -> None:
+    """Raise ValidationError naming the query string's parameters whose name or value is not
+    UTF-8 once unescaped (topic=%FF). Werkzeug reads such bytes as U+FFFD, so the filter
+    would be another one than asked: events whose text really holds U+FFFD (%EF%BF%BD)."""
     errors = {}
     for pair in query_string.split(b"&"):
         name = pair.partition(b"=")[0]
@@ -386,7 +386,8 @@ def undecodable_params(query_string: bytes) -> dict[str, list[str]]:
             label = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
             errors[label[:40]] = ["Not UTF-8 once unescaped: a %XX escape stands for one byte "
                                   "of the text's UTF-8 (%C3%A9 for é)."]
-    return errors
+    if errors:
+        raise ValidationError(errors)
 
 
 class EventsQuerySchema(Schema):

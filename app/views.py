@@ -32,7 +32,7 @@ from .errors import APIError
 from .ingest import Ingestor
 from .logs import utc_text
 from .metrics import CONTENT_TYPE
-from .schemas import EventsQuerySchema, StatsQuerySchema, encode_cursor, undecodable_params
+from .schemas import EventsQuerySchema, StatsQuerySchema, check_utf8_query, encode_cursor
 from .store import EventQuery, Store, StoredEvent, StoreError
 from .store.base import utf8_length
 
@@ -114,8 +114,7 @@ def events() -> Response:
 def _load_query(schema: Schema) -> dict:
     """Return the request's query string loaded by the schema; 400 naming what is bad."""
     try:
-        if bad := undecodable_params(request.query_string):
-            raise ValidationError(bad)
+        check_utf8_query(request.query_string)
         return schema.load(request.args)
     except ValidationError as exc:
         names = ", ".join(sorted(exc.messages))
@@ -127,8 +126,7 @@ def _events_page() -> Response:
     params = pages.page_params(request.args)
     counters = _store().counters(largest=pages.TOPICS_SHOWN)
     try:
-        if bad := undecodable_params(request.query_string):
-            raise ValidationError(bad)
+        check_utf8_query(request.query_string)
         args = _events_query.load({**params, "order": "desc"})
     except ValidationError as exc:
         return pages.render_events_page(counters, params, errors=exc.messages)
