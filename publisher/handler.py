@@ -22,7 +22,7 @@ import time
 import weakref
 from datetime import UTC, datetime
 
-from .client import Publisher, PublishError, checked_url, valid_name
+from .client import Publisher, PublishError, valid_name
 from .events import Batch
 
 # What every LogRecord has: the rest of its attributes came as extra={...}.
@@ -51,8 +51,8 @@ class AggregatorHandler(logging.Handler):
         or its first has waited linger seconds. At most capacity records wait to be sent;
         close() waits up to close_timeout seconds for them to be acknowledged."""
         super().__init__(level)
-        # Bad arguments fail here, not as every record dropped or refused, unseen.
-        url = checked_url(url)
+        # Bad arguments fail here, not as every record dropped or refused, unseen (a bad
+        # URL in Publisher, which _start() below makes).
         for name, value in (("topic", topic), ("source", source)):
             if value is not None and not valid_name(value):
                 raise ValueError(f"{name} must be 1 to 255 characters, none a control one")
