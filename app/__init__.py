@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# werkzeug's routing encodes each request's host with the "idna" codec, whose first use
+# imports encodings.idna and stringprep: 3-4 ms inside each worker's first request, the
+# slowest part of it. Imported with the app instead.
+import encodings.idna  # noqa: F401
 import threading
 import time
 from collections.abc import Mapping
