@@ -558,3 +558,19 @@ def _thread_names(pid: int) -> list[str]:
         except OSError:  # the thread ended meanwhile
             pass
     return names
+
+
+def test_a_workers_first_request_does_not_import_the_idna_codec(tmp_path):
+    """werkzeug's routing encodes the host with the idna codec: the app loads it, so that a
+    worker's first request does not (3-4 ms of it; bench/RESULTS.md, Growth)."""
+    script = ("import sys\n"
+              "from app import create_app\n"
+              "client = create_app().test_client()\n"
+              "before = set(sys.modules)\n"
+              "assert client.get('/stats', base_url='http://127.0.0.1:8080').status_code == 200\n"
+              "print(sorted({'encodings.idna', 'stringprep'} & (set(sys.modules) - before)))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/e.db"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
