@@ -36,7 +36,7 @@ lint: venv
 bench: venv
 	$(BIN)/python -m bench.ingest --runs 3
 	$(BIN)/python -m bench.ingest --runs 3 --batch-size 10 --events 40000 --skip-ceiling \
-		--json bench/results/ingest-10.json
+		--target 8000 --json bench/results/ingest-10.json
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.publisher_rss
 

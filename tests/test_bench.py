@@ -12,6 +12,7 @@ import pytest
 
 from bench.common import make_events
 from bench.growth import fill
+from bench.ingest import REFERENCE_UNIQUE, reference, reference_rows
 
 
 @pytest.mark.parametrize("ids", ["sequential", "uuid"])
@@ -68,3 +69,19 @@ def test_the_growth_fill_differs_only_in_its_ids_by_their_kind(tmp_path):
     assert [row[:1] + row[2:] for row in filled["uuid"]] == \
         [row[:1] + row[2:] for row in filled["sequential"]]
     assert {row[1] for row in filled["uuid"]}.isdisjoint(row[1] for row in filled["sequential"])
+
+
+def test_the_reference_loop_stores_each_key_once(tmp_path):
+    events = make_events(3000, 0.25, seed=5)
+    rows = [(e["topic"], e["event_id"], e["timestamp"], e["source"], "{}") for e in events]
+    rate, stored = reference(rows, tmp_path / "r.db")
+    assert stored == 3000 and rate > 0
+    with closing(sqlite3.connect(tmp_path / "r.db")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_the_reference_workload_is_measureds_and_the_same_every_run():
+    rows = reference_rows()
+    assert len(rows) == 200_000
+    assert len({row[:2] for row in rows}) == REFERENCE_UNIQUE == 150_000
+    assert reference_rows() == rows
