@@ -31,8 +31,9 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
-## bench: ingest in batches of 500 (vs the in-process ceiling) and of 10, latency against
-## offered load, the publisher CLI's memory (~3 min; figures in bench/results, plots in bench/figures)
+## bench: ingest in batches of 500 and of 10 (against a reference SQLite loop and the in-process
+## ceiling), latency against offered load, the publisher CLI's memory (~3 min; figures in
+## bench/results, plots in bench/figures)
 bench: venv
 	$(BIN)/python -m bench.ingest --runs 3
 	$(BIN)/python -m bench.ingest --runs 3 --batch-size 10 --events 40000 --skip-ceiling \
