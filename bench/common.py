@@ -91,7 +91,9 @@ class Server:
 
     def _wait_healthy(self, timeout: float = 30) -> None:
         """Wait for /health and for every worker process to have booted."""
-        workers = int(self.env.get("WEB_CONCURRENCY", "2"))
+        from app.config import Config
+
+        workers = int(self.env.get("WEB_CONCURRENCY", Config().web_concurrency))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
