@@ -225,8 +225,18 @@ def post_worker_init(worker):
     the worker's exit hooks. Under load, most workers stopped by Ctrl-C skipped
     worker_exit (which commits what is queued) that way. Graceful, each worker finishes
     its requests in flight, runs worker_exit once, and exits.
+
+    Then the worker answers a few reads itself (app.warm_up), so that its first clients do
+    not pay for its first uses, and freezes what it has made.
     """
     signal.signal(signal.SIGINT, worker.handle_exit)
+    if hasattr(worker.wsgi, "test_client"):
+        from app import warm_up
+
+        try:
+            warm_up(worker.wsgi)
+        except Exception:  # the worker serves cold rather than not at all
+            worker.log.exception("aggregator: warming the worker up failed")
     # The app is loaded: move its ~40,000 objects (modules, schemas, templates) out of the
     # cyclic garbage collector's reach, as Instagram's servers do. They live as long as the
     # worker, yet each full collection walked them all: 7-14 ms with the GIL held, about

@@ -75,6 +75,9 @@ def configure() -> None:
 
 # The reads whose duration is a metric, by endpoint: the path label.
 _READS = {"api.events": "/events", "api.stats": "/stats"}
+# Marks the requests a worker answers itself before it takes traffic (app.warm_up): they go
+# through every step but are neither timed in the metrics nor logged.
+WARM_UP = "aggregator.warm_up"
 
 
 def _start() -> None:
@@ -86,12 +89,17 @@ def _start() -> None:
 def _finish(response: Response) -> Response:
     duration = time.perf_counter() - g.get("started", time.perf_counter())
     response.headers["X-Request-ID"] = g.get("request_id", "")
+    timer = None
     if request.endpoint == "api.publish":
-        current_app.extensions["metrics"].publish_seconds.labels(
-            str(response.status_code)).observe(duration)
+        timer = current_app.extensions["metrics"].publish_seconds.labels(
+            str(response.status_code))
     elif request.endpoint in _READS:
-        current_app.extensions["metrics"].read_seconds.labels(
-            _READS[request.endpoint], str(response.status_code)).observe(duration)
+        timer = current_app.extensions["metrics"].read_seconds.labels(
+            _READS[request.endpoint], str(response.status_code))
+    if request.environ.get(WARM_UP):
+        return response
+    if timer is not None:
+        timer.observe(duration)
     # Never the headers (tokens) nor the body (payloads): only what locates the request.
     access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
         "request_id": g.get("request_id"), "method": request.method, "path": request.path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -19,13 +20,18 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, event, wait_for, write_lock_held_outside
+from app import warm_up
+from tests.helpers import ROOT, event, probe_every_worker, wait_for, write_lock_held_outside
 
 
 def scrape(url: str) -> dict[str, float]:
     """Return {sample name{labels}: value} from one fresh-connection scrape."""
-    text = requests.get(url + "/metrics", timeout=10,
-                        headers={"Connection": "close"}).text
+    return samples_of(requests.get(url + "/metrics", timeout=10,
+                                   headers={"Connection": "close"}).text)
+
+
+def samples_of(text: str) -> dict[str, float]:
+    """Return {sample name{labels}: value} from a /metrics text."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -106,6 +112,36 @@ def test_metrics_name_only_the_largest_topics_and_count_them_all(gunicorn):
     assert samples["aggregator_topics{}"] == 7
     stats = requests.get(server.url + "/stats", timeout=10).json()
     assert len(stats["topics"]) == 7 and stats["topics"]["t-0"] == 1
+
+def test_a_warmed_up_app_has_made_its_first_uses_but_timed_and_logged_nothing(app, caplog):
+    """Each gunicorn worker answers a few reads itself before it takes traffic (app.warm_up):
+    from then on the metric values of those reads exist (made on first use, part of a cold
+    worker's first answer), at zero, and no access line tells of them."""
+    client = app.test_client()
+    count = "aggregator_read_request_duration_seconds_count"
+    stats, events = f"{count}{{path=/stats,status=200}}", f"{count}{{path=/events,status=200}}"
+    assert stats not in samples_of(client.get("/metrics").text)
+    with caplog.at_level(logging.INFO):
+        warm_up(app)
+    assert [r.getMessage() for r in caplog.records if r.name == "aggregator.access"] == []
+    samples = samples_of(client.get("/metrics").text)
+    assert samples[stats] == 0 and samples[events] == 0
+    assert client.get("/stats").status_code == 200
+    assert samples_of(client.get("/metrics").text)[stats] == 1
+
+
+def test_a_workers_warm_up_is_neither_logged_nor_counted(gunicorn):
+    server = gunicorn(workers=2)
+    probe_every_worker(server)  # both workers have warmed up and serve
+    reads = [r for r in server.log_records()
+             if r.get("logger") == "aggregator.access" and r["path"] in ("/stats", "/events")]
+    assert reads == []
+    samples = scrape(server.url)
+    assert samples["aggregator_read_request_duration_seconds_count{path=/stats,status=200}"] == 0
+    assert requests.get(server.url + "/stats", timeout=10).ok
+    assert [r["path"] for r in server.log_records()
+            if r.get("logger") == "aggregator.access" and r["path"] == "/stats"] == ["/stats"]
+
 
 def test_reads_are_timed_by_path_and_status(gunicorn):
     server = gunicorn(workers=2)
