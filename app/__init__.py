@@ -75,7 +75,7 @@ def warm_up(app: Flask) -> None:
     A worker's first answers paid for first uses: Flask's first request, a metric's values
     for a new label set, a reader connection, the code paths' first runs. Through
     gunicorn, a fresh worker's first /stats took 3.0-4.5 ms of the app's time against
-    0.6-1.0 ms for the next ones; warmed, 1.5-2.9 ms. The p99 of a fresh server's first
+    0.5-1.5 ms for the next ones; warmed, 1.5-2.9 ms. The p99 of a fresh server's first
     200 /stats fell from 6.31 to 4.58 ms (medians of 8 alternating servers of 2 workers,
     2026-12-07; bench/RESULTS.md, Growth). With a read token set the reads are refused,
     which warms less but still the most.
