@@ -44,9 +44,10 @@ from bench.common import (
 REFERENCE_UNIQUE = 150_000
 REFERENCE_ROWS_PER_COMMIT = 1000
 REFERENCE_ON_MEASURED = 95_000
-# Each worker process's least share of the workers' CPU in a run for both to count as
-# loaded. Connections stuck to one worker (MEASURED.md) leave the other near 0%.
-WORKER_SHARE_AT_LEAST = 0.4
+# The least share of the workers' CPU each worker process must have had in a run, as a
+# fraction of an even share (1/workers): 0.8 asks 40% of each of 2 workers. Connections
+# stuck to one worker (MEASURED.md) leave the other near 0%.
+WORKER_SHARE_OF_EVEN = 0.8
 
 
 def reference_rows() -> list[tuple]:
@@ -244,6 +245,7 @@ def main() -> None:
         e2e["target_here"] = args.target * ref / REFERENCE_ON_MEASURED
         e2e["of_target_here"] = e2e["events_per_s"] / e2e["target_here"]
         e2e["smallest_worker_share"] = min(e2e["worker_cpu_s"]) / sum(e2e["worker_cpu_s"])
+        e2e["worker_share_asked"] = WORKER_SHARE_OF_EVEN / len(e2e["worker_cpu_s"])
         e2e["ceiling_events_per_s"] = base
         e2e["ratio"] = e2e["events_per_s"] / base
         # What the CPU allows: the workers' and clients' CPU per event, against the 2 cores.
@@ -289,13 +291,13 @@ def main() -> None:
           f"write lock held {summary['write_lock_held_share']:.0%} of the run, "
           f"ratio if always held {summary['ratio_if_lock_always_held']:.2f}")
     held = summary["of_target_here"] >= 1
-    loaded = all(r["smallest_worker_share"] >= WORKER_SHARE_AT_LEAST for r in runs)
+    loaded = all(r["smallest_worker_share"] >= r["worker_share_asked"] for r in runs)
     print(f"target: {args.target:,} ev/s on MEASURED.md's machine is "
           f"{summary['target_here']:,.0f} here (reference {summary['reference_events_per_s']:,.0f}"
           f" ev/s against {REFERENCE_ON_MEASURED:,}): end-to-end "
           f"{summary['of_target_here']:.2f} x it, {'held' if held else 'NOT held'}; every "
-          f"worker did at least {WORKER_SHARE_AT_LEAST:.0%} of the workers' CPU in every run: "
-          f"{'yes' if loaded else 'NO'}")
+          f"worker did at least {runs[0]['worker_share_asked']:.0%} of the workers' CPU in every "
+          f"run: {'yes' if loaded else 'NO'}")
     summary["target_held"], summary["every_worker_loaded"] = held, loaded
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
